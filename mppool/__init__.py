@@ -1,0 +1,24 @@
+"""mppool: a fork-aware PostgreSQL connection pool for pre-fork worker servers.
+
+Pools opened before a fork (gunicorn ``--preload``, celery's main process,
+``multiprocessing``) keep working in parent and children: a child never sends
+a byte on a connection it inherited and opens its own on first use.
+
+The API is psycopg_pool's (`ConnectionPool`, `NullConnectionPool`) and
+psycopg2.pool's, so adopting mppool is a change of import.
+"""
+
+from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
+from .null_pool import NullConnectionPool
+from .pool import ConnectionPool
+
+__all__ = [
+    "ConnectionPool",
+    "NullConnectionPool",
+    "PoolClosed",
+    "PoolError",
+    "PoolTimeout",
+    "TooManyRequests",
+]
+
+__version__ = "0.1.0"
