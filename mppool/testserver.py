@@ -289,7 +289,7 @@ class _LocalCluster:
         return "--with-openssl" in out or "--with-ssl=openssl" in out
 
     def _run(self, args: list[str]) -> None:
-        with open(self.log, "ab") as log:
+        with open(self.log, "ab") as log, self._exec_errors():
             res = subprocess.run(
                 args, stdout=log, stderr=subprocess.STDOUT, timeout=120, **self._as_user()
             )
@@ -303,6 +303,20 @@ class _LocalCluster:
         if self.run_as is None:
             return {}
         return {"user": self.run_as.pw_uid, "group": self.run_as.pw_gid, "extra_groups": []}
+
+    @contextlib.contextmanager
+    def _exec_errors(self) -> Iterator[None]:
+        """Turn a binary we cannot run (as the unprivileged user) into ServerUnavailable."""
+        try:
+            yield
+        except PermissionError as exc:
+            who = f" as user {self.run_as.pw_name!r}" if self.run_as else ""
+            raise ServerUnavailable(
+                f"cannot run {exc.filename}{who}: {exc.strerror}. Running as root, the "
+                "server runs as that user, which must be able to enter every directory "
+                "above the binaries: put the virtualenv somewhere it can (not under "
+                "/root), install PostgreSQL, or run as a normal user"
+            ) from None
 
     def _log_tail(self) -> str:
         try:
@@ -382,7 +396,7 @@ class _LocalCluster:
             self._give(path)
 
     def start(self, timeout: float = 60.0) -> None:
-        with open(self.log, "ab") as log:
+        with open(self.log, "ab") as log, self._exec_errors():
             self.proc = subprocess.Popen(
                 [str(self.bindir / "postgres"), "-D", str(self.data)],
                 stdout=log,
