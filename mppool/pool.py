@@ -142,11 +142,6 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
             single background thread that exists only while it has work.
     """
 
-    _handoff_after = 0.0005
-    """Seconds the oldest waiter may wait before a returned connection goes to it
-    rather than back on the stack (where the returning thread can take it again
-    at once, saving a wake-up). A waiter whose turn passes looks for itself."""
-
     @overload
     def __init__(
         self: ConnectionPool[Connection[TupleRow]],
@@ -262,7 +257,9 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         self._primed = False  # min_size requested since the last (dis)connect
         self._generation = 0  # bumped to disown every connection at once
         self._idle_low = 0  # fewest idle connections seen since the last shrink
-        self._shrink_at = monotonic() + self.max_idle
+        self._shrink_due = monotonic() + self.max_idle
+        self._chores_at = self._shrink_due  # when the return path next takes the slow way
+        self._refill_due = False  # fill to min_size at the next return
         self._worker = Worker(self)
         self._last_error: str | None = None
         self._reset_stats()
@@ -360,7 +357,7 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
                 return
             conn._pool = None
             self._usage += now - lent_at
-            if self._waiters or now >= self._expires.get(conn, 0.0) or now >= self._shrink_at:
+            if self._waiters or now >= self._expires.get(conn, 0.0) or now >= self._chores_at:
                 self._putconn_slow(conn, now)
             else:
                 self._idle.append(conn)
@@ -401,6 +398,10 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
             self._requests_num += 1
             if self._idle:
                 return self._lend_locked(self._idle.pop())
+            if self._nconns == 0:
+                conn = self._first_connection_locked(timeout)
+                if conn is not None:
+                    return conn
             self._primed = True  # first use after open, fork or disconnect: refill
             if self.max_waiting and len(self._waiters) >= self.max_waiting:
                 self._requests_errors += 1
@@ -416,18 +417,9 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         return self._wait(waiter, deadline, timeout)
 
     def _wait(self, waiter: _Waiter, deadline: float, timeout: float) -> CT:
-        # First wait only through our turn: a connection left on the stack
-        # while we queue reaches us then at the latest.
-        remaining = deadline - monotonic()
-        got = waiter.ready.acquire(timeout=max(0.0, min(remaining, self._handoff_after)))
-        if not got:
-            with self._lock:
-                if waiter.conn is None and waiter.error is None and self._idle:
-                    self._waiters.remove(waiter)
-                    self._requests_wait += monotonic() - waiter.since
-                    return self._lend_locked(self._idle.pop())
-            remaining = deadline - monotonic()
-            got = waiter.ready.acquire(timeout=max(0.0, remaining))
+        # Every returned connection goes to the longest waiter: letting the
+        # returning thread take it back measured no faster here, and starves.
+        waiter.ready.acquire(timeout=max(0.0, deadline - monotonic()))
         with self._lock:
             self._requests_wait += monotonic() - waiter.since
             if waiter.conn is not None:
@@ -442,6 +434,38 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         raise PoolTimeout(
             f"couldn't get a connection from pool {self.name!r} after {timeout:.2f} sec{last}"
         )
+
+    def _first_connection_locked(self, timeout: float) -> CT | None:
+        """An empty pool (new, forked, disconnected): connect in this thread.
+
+        Nothing could free up sooner, so a hand-off from the background thread
+        would only add latency. Refilling to min_size waits for the first
+        return, so it does not compete with this first query for the CPU. On
+        failure, None: the caller queues and the background thread retries.
+        """
+        self._nconns += 1
+        generation = self._generation
+        self._lock.release()
+        try:
+            conn = self._connect(connect_timeout=timeout)
+        except Exception:
+            conn = None
+        finally:
+            self._lock.acquire()
+        if conn is None:
+            if generation == self._generation:
+                self._nconns -= 1
+            return None
+        if generation != self._generation:  # closed or disconnected meanwhile
+            if self._closed:
+                _close_quietly(conn)
+                self._raise_if_closed()
+            self._nconns += 1  # disconnect() recounted without this one
+        self._expires[conn] = monotonic() + self.max_lifetime * (1.0 - 0.1 * random.random())
+        self._primed = True
+        self._refill_due = True
+        self._chores_at = 0.0
+        return self._lend_locked(conn)
 
     def _lend_locked(self, conn: CT) -> CT:
         self._lent[conn] = monotonic()
@@ -535,13 +559,11 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
             self._drop_locked(conn)
             return
         if self._waiters:
-            waiter = self._waiters[0]
-            if now - waiter.since >= self._handoff_after or not self._idle:
-                self._give_locked(self._waiters.popleft(), conn)
-                return
+            self._give_locked(self._waiters.popleft(), conn)
+            return
         self._idle.append(conn)
-        if now >= self._shrink_at:
-            self._shrink_locked(now)
+        if now >= self._chores_at:
+            self._chores_locked(now)
 
     def _give_locked(self, waiter: _Waiter, conn: CT) -> None:
         self._lent[conn] = monotonic()
@@ -549,12 +571,19 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         waiter.conn = conn
         waiter.ready.release()
 
-    def _shrink_locked(self, now: float) -> None:
+    def _chores_locked(self, now: float) -> None:
+        """What the return path does now and then: refill after a first use, shrink."""
+        if self._refill_due:
+            self._refill_due = False
+            self._grow_locked()
+            if now < self._shrink_due:
+                self._chores_at = self._shrink_due
+                return
         # One connection per max_idle period, and only if some stayed idle all along.
         if self._idle_low > 0 and self._nconns > self._min_size and self._idle:
             self._drop_locked(self._idle.pop(0))
         self._idle_low = len(self._idle)
-        self._shrink_at = now + self.max_idle
+        self._chores_at = self._shrink_due = now + self.max_idle
 
     def _drop_locked(self, conn: CT) -> None:
         """Forget a connection this pool holds (not lent) and close it."""
