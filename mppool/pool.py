@@ -31,6 +31,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 
 from . import forking
+from .affinity import ThreadSlots
 from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
 from .maintenance import Worker
 from .redact import password_of, redact
@@ -261,6 +262,7 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         self._chores_at = self._shrink_due  # when the return path next takes the slow way
         self._refill_due = False  # fill to min_size at the next return
         self._worker = Worker(self)
+        self._thread_conns: ThreadSlots[CT] = ThreadSlots(self._reclaim_thread_connection)
         self._last_error: str | None = None
         self._reset_stats()
 
@@ -369,6 +371,37 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         back if the block raised; the connection then goes back to the pool.
         """
         return _Lease(self, timeout)
+
+    # -- per-thread affinity ---------------------------------------------------
+
+    def thread_connection(self, timeout: float | None = None) -> CT:
+        """The calling thread's own connection: the same one on every call.
+
+        Lent on the thread's first call (waiting up to `timeout`, as
+        `getconn`), kept by the thread until `release_thread_connection` or
+        until the thread ends, when it goes back to the pool by itself (any
+        transaction left open rolled back). For long-running worker threads
+        that would otherwise take and give back a connection per task; the
+        connection counts against ``max_size`` all the while. Give it back
+        with `release_thread_connection`, not `putconn`.
+        """
+        conn = self._thread_conns.get()
+        if conn is not None and self._pid == _getpid():
+            return conn
+        conn = self.getconn(timeout)
+        self._thread_conns.set(conn)
+        return conn
+
+    def release_thread_connection(self) -> None:
+        """Give back the calling thread's connection, if it holds one."""
+        conn = self._thread_conns.clear()
+        if conn is not None and getattr(conn, "_pool", None) is self:
+            self.putconn(conn)
+
+    def _reclaim_thread_connection(self, conn: CT) -> None:
+        """A thread ended holding its connection: take it back."""
+        if getattr(conn, "_pool", None) is self:
+            self.putconn(conn)
 
     # -- the rest of checkout ------------------------------------------------
 
