@@ -81,11 +81,14 @@ class Worker:
                 logger.warning(
                     "pool %r: connection attempt failed: %s", pool.name, pool._last_error
                 )
-                delay *= 1.0 + JITTER * (2.0 * random.random() - 1.0)
-                if monotonic() - started + delay > pool.reconnect_timeout:
+                # Give up once reconnect_timeout has passed, not before: the last
+                # wait is cut short so that one attempt falls at the deadline.
+                left = pool.reconnect_timeout - (monotonic() - started)
+                if left <= 0:
                     pool._connect_failed(generation)
                     return
-                if stop.wait(delay):
+                delay *= 1.0 + JITTER * (2.0 * random.random() - 1.0)
+                if stop.wait(min(delay, left)):
                     return
                 delay *= BACKOFF
                 continue

@@ -12,8 +12,19 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
+import psycopg
+
 from .errors import PoolTimeout, TooManyRequests
-from .pool import CT, ConnectionPool, _Waiter
+from .pool import (
+    _DEFAULT_CLASS,
+    CT,
+    ConnectionCB,
+    ConnectionPool,
+    ConninfoParam,
+    KwargsParam,
+    _close_quietly,
+    _Waiter,
+)
 
 __all__ = ["NullConnectionPool"]
 
@@ -31,13 +42,46 @@ class NullConnectionPool(ConnectionPool[CT]):
 
     def __init__(
         self,
-        conninfo: str | Callable[[], str] = "",
+        conninfo: ConninfoParam = "",
         *,
+        connection_class: type[CT] = _DEFAULT_CLASS,
+        kwargs: KwargsParam | None = None,
         min_size: int = 0,
         max_size: int | None = None,
-        **kwargs: Any,
+        open: bool | None = None,
+        configure: ConnectionCB[CT] | None = None,
+        check: ConnectionCB[CT] | None = None,
+        reset: ConnectionCB[CT] | None = None,
+        name: str | None = None,
+        close_returns: bool = False,
+        timeout: float = 30.0,
+        max_waiting: int = 0,
+        max_lifetime: float = 60 * 60.0,
+        max_idle: float = 10 * 60.0,
+        reconnect_timeout: float = 5 * 60.0,
+        reconnect_failed: Callable[[ConnectionPool[Any]], None] | None = None,
+        num_workers: int = 3,
     ):
-        super().__init__(conninfo, min_size=min_size, max_size=max_size, **kwargs)
+        super().__init__(
+            conninfo,
+            connection_class=connection_class,
+            kwargs=kwargs,
+            min_size=min_size,
+            max_size=max_size,
+            open=open,
+            configure=configure,
+            check=check,
+            reset=reset,
+            name=name,
+            close_returns=close_returns,
+            timeout=timeout,
+            max_waiting=max_waiting,
+            max_lifetime=max_lifetime,
+            max_idle=max_idle,
+            reconnect_timeout=reconnect_timeout,
+            reconnect_failed=reconnect_failed,
+            num_workers=num_workers,
+        )
 
     def _new_state(self) -> None:
         super()._new_state()
@@ -57,7 +101,32 @@ class NullConnectionPool(ConnectionPool[CT]):
         return 0, max_size
 
     def _grow_locked(self) -> None:
-        """Nothing to open ahead: clients open their own connections."""
+        """Open connections in the background only for clients left queued.
+
+        Clients open their own connections; but when a slot frees up with no
+        connection to hand over (one returned broken or expired, a failed
+        connect, a resize), a queued client would otherwise wait in vain.
+        """
+        if self._closed:
+            return
+        while self._connecting < len(self._waiters) and (
+            not self._max_size or self._nconns < self._max_size
+        ):
+            self._nconns += 1
+            self._connecting += 1
+            self._worker.add_connection(self._generation)
+
+    def _add_ready(self, conn: CT, generation: int) -> None:
+        """A connection opened for a queued client: hand it over, or close it."""
+        with self._lock:
+            if generation == self._generation and not self._closed:
+                self._connecting -= 1
+                if self._waiters:
+                    self._born[conn] = (generation, monotonic() + self.max_lifetime)
+                    self._give_locked(self._waiters.popleft(), conn)
+                    return
+                self._nconns -= 1  # whoever it was for has stopped waiting
+        _close_quietly(conn)
 
     def _take_or_wait(self, deadline: float, timeout: float) -> CT:
         with self._lock:
@@ -81,28 +150,43 @@ class NullConnectionPool(ConnectionPool[CT]):
                 self._requests_queued += 1
         if waiter is not None:
             return self._wait(waiter, deadline, timeout)
+        conn: CT | None = None
         try:
-            conn = self._connect()
-        except Exception:
-            with self._lock:
-                self._nconns -= 1
-                self._requests_errors += 1
-            raise
+            conn = self._connect(connect_timeout=timeout)
+        except psycopg.errors.ConnectionTimeout:
+            raise PoolTimeout(
+                f"couldn't get a connection from pool {self.name!r} after {timeout:.2f} sec: "
+                f"{self._last_error}"
+            ) from None
+        finally:  # failed or interrupted: free the slot, maybe for a queued client
+            if conn is None:
+                with self._lock:
+                    self._requests_errors += 1
+                    if generation == self._generation:
+                        self._nconns -= 1
+                        self._grow_locked()
         with self._lock:
-            if generation != self._generation:  # closed or forked meanwhile
-                self._nconns = max(0, self._nconns - 1)
-                conn._pool = None
-                conn.close()
-                self._raise_if_closed()
+            if generation != self._generation:  # closed or disconnected meanwhile
+                if self._closed:
+                    _close_quietly(conn)
+                    self._raise_if_closed()
+                self._nconns += 1  # disconnect() recounted without this one
+                generation = self._generation
             self._born[conn] = (generation, monotonic() + self.max_lifetime)
             return self._lend_locked(conn)
 
     def _putconn_slow(self, conn: CT, now: float) -> None:
         generation, expires = self._born.get(conn, (-1, 0.0))
-        if self._waiters and generation == self._generation and expires > now:
+        if (
+            self._waiters
+            and generation == self._generation
+            and expires > now
+            and (not self._max_size or self._nconns <= self._max_size)
+        ):
             self._give_locked(self._waiters.popleft(), conn)
         else:
             self._drop_locked(conn)
+            self._grow_locked()
 
     def _drop_locked(self, conn: CT) -> None:
         self._born.pop(conn, None)
@@ -115,6 +199,8 @@ class NullConnectionPool(ConnectionPool[CT]):
         connection error, when it cannot be made.
         """
         self._raise_if_closed()
+        if self._open_implicit:
+            self._warn_implicit_open(stacklevel=3)
         try:
             conn = self._connect(connect_timeout=timeout)
         except Exception:
@@ -132,3 +218,4 @@ class NullConnectionPool(ConnectionPool[CT]):
         min_size, max_size = self._check_size(min_size, max_size)
         with self._lock:
             self._min_size, self._max_size = min_size, max_size
+            self._grow_locked()

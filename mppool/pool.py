@@ -57,6 +57,7 @@ _ACTIVE = TransactionStatus.ACTIVE
 _getpid = forking.getpid
 
 _pool_names = iter(range(1, sys.maxsize))
+_CONNECT_TIMEOUT_FLOOR = 2.0  # psycopg (like libpq) waits at least 2 s on a connect
 _DEFAULT_CLASS: Any = Connection
 
 
@@ -101,6 +102,31 @@ class _Lease(Generic[CT]):
                 pool._end_transaction(conn, commit=exc_type is None)
         finally:
             pool.putconn(conn)
+
+
+class _ReturnableLease(_Lease[CT]):
+    """`_Lease` for ``close_returns`` pools, where ``conn.close()`` in the block returns it.
+
+    The connection may then already be lent again, to another thread: leaving
+    the block must not touch it. Each lending is stamped (`ConnectionPool._lent`
+    holds a new float object per lending), so the stamp tells.
+    """
+
+    __slots__ = ("stamp",)
+
+    def __enter__(self) -> CT:
+        self.conn = conn = self.pool.getconn(self.timeout)
+        self.stamp = self.pool._lent.get(conn)
+        return conn
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.pool._lent.get(self.conn) is self.stamp:
+            super().__exit__(exc_type, exc, tb)
 
 
 class ConnectionPool(forking.ForkAware, Generic[CT]):
@@ -242,6 +268,8 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         if open is None:
             self._open_implicit = True
             open = True
+        # getconn's fast path: no check callback, no deprecation warning owed.
+        self._fast_checkout = check is None and not self._open_implicit
         if open:
             self._open()
 
@@ -328,7 +356,7 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
             forking.reinit_if_forked(self)
         with self._lock:
             idle = self._idle
-            if idle and not self._closed and self._check is None:
+            if idle and not self._closed and self._fast_checkout:
                 conn = idle.pop()
                 if len(idle) < self._idle_low:
                     self._idle_low = len(idle)
@@ -370,6 +398,8 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         On leaving the block, a transaction still open is committed, or rolled
         back if the block raised; the connection then goes back to the pool.
         """
+        if self.close_returns:
+            return _ReturnableLease(self, timeout)
         return _Lease(self, timeout)
 
     # -- per-thread affinity ---------------------------------------------------
@@ -430,8 +460,12 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
                 self._warn_implicit_open()
             self._requests_num += 1
             if self._idle:
-                return self._lend_locked(self._idle.pop())
-            if self._nconns == 0:
+                top = self._idle.pop()
+                if len(self._idle) < self._idle_low:
+                    self._idle_low = len(self._idle)
+                return self._lend_locked(top)
+            if self._nconns == 0 and timeout >= _CONNECT_TIMEOUT_FLOOR:
+                # (with less time, a hung server would hold us past our timeout)
                 conn = self._first_connection_locked(timeout)
                 if conn is not None:
                     return conn
@@ -452,7 +486,11 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
     def _wait(self, waiter: _Waiter, deadline: float, timeout: float) -> CT:
         # Every returned connection goes to the longest waiter: letting the
         # returning thread take it back measured no faster here, and starves.
-        waiter.ready.acquire(timeout=max(0.0, deadline - monotonic()))
+        try:
+            waiter.ready.acquire(timeout=max(0.0, deadline - monotonic()))
+        except BaseException:
+            self._abandon(waiter)
+            raise
         with self._lock:
             self._requests_wait += monotonic() - waiter.since
             if waiter.conn is not None:
@@ -468,6 +506,17 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
             f"couldn't get a connection from pool {self.name!r} after {timeout:.2f} sec{last}"
         )
 
+    def _abandon(self, waiter: _Waiter) -> None:
+        """A waiter interrupted: leave the queue, or pass on what it was given."""
+        with self._lock:
+            self._requests_errors += 1
+            conn = waiter.conn
+            if conn is None:
+                if waiter.error is None:
+                    self._waiters.remove(waiter)
+                return
+        self.putconn(conn)
+
     def _first_connection_locked(self, timeout: float) -> CT | None:
         """An empty pool (new, forked, disconnected): connect in this thread.
 
@@ -478,16 +527,17 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         """
         self._nconns += 1
         generation = self._generation
+        conn: CT | None = None
         self._lock.release()
         try:
             conn = self._connect(connect_timeout=timeout)
         except Exception:
-            conn = None
-        finally:
+            pass
+        finally:  # even if interrupted: else the pool counts a connection it hasn't
             self._lock.acquire()
-        if conn is None:
-            if generation == self._generation:
+            if conn is None and generation == self._generation:
                 self._nconns -= 1
+        if conn is None:
             return None
         if generation != self._generation:  # closed or disconnected meanwhile
             if self._closed:
@@ -511,17 +561,21 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
                 raise PoolClosed(f"the pool {self.name!r} is already closed")
             raise PoolClosed(f"the pool {self.name!r} is not open yet: call open() first")
 
-    def _warn_implicit_open(self) -> None:
+    def _opened_explicitly(self) -> None:
+        self._open_implicit = False
+        self._fast_checkout = self._check is None
+
+    def _warn_implicit_open(self, stacklevel: int = 5) -> None:
         import warnings
 
-        self._open_implicit = False
+        self._opened_explicitly()
         warnings.warn(
             f"the default for the {type(self).__name__} 'open' parameter will become "
             "'False' in a future release. Please use open={True|False} explicitly, "
             f"or use the pool as context manager using: `with {type(self).__name__}(...) "
             "as pool: ...`",
             DeprecationWarning,
-            stacklevel=5,
+            stacklevel=stacklevel,
         )
 
     # -- the rest of return ------------------------------------------------
@@ -559,7 +613,6 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
             self._discard_lent(conn, bad=True)
             return False
         if status in (_INTRANS, _INERROR):
-            self._returns_bad += 1
             try:
                 conn.rollback()
             except Exception as exc:
@@ -578,8 +631,11 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
                 self._discard_lent(conn, bad=True)
                 return False
         if conn.pgconn.transaction_status != _IDLE:  # broken or closed
-            self._discard_lent(conn, bad=status != TransactionStatus.UNKNOWN)
+            self._discard_lent(conn, bad=True)
             return False
+        if status != _IDLE:
+            with self._lock:
+                self._returns_bad += 1
         return True
 
     def _putconn_slow(self, conn: CT, now: float) -> None:
@@ -590,6 +646,8 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
             return
         if self._nconns > self._max_size:
             self._drop_locked(conn)
+            if self._nconns <= self._max_size and not self._refill_due:
+                self._chores_at = self._shrink_due
             return
         if self._waiters:
             self._give_locked(self._waiters.popleft(), conn)
@@ -747,7 +805,7 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         `disconnect` or by a fork starts refilling now. A closed pool cannot be
         reopened.
         """
-        self._open_implicit = False
+        self._opened_explicitly()
         if self._pid != _getpid():
             forking.reinit_if_forked(self)
         self._open()
@@ -775,6 +833,8 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         deadline = monotonic() + timeout
         with self._lock:
             self._raise_if_closed()
+            if self._open_implicit:
+                self._warn_implicit_open(stacklevel=3)
             if not self._primed:
                 self._primed = True
                 self._grow_locked()
@@ -807,6 +867,7 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
                 waiter.error = PoolClosed(f"the pool {self.name!r} was closed while waiting")
                 waiter.ready.release()
             self._filled.notify_all()
+            self._worker.stop(0.0)
         for conn in conns:
             conn._pool = None
             _close_quietly(conn)
@@ -826,10 +887,10 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
             self._expires = {}  # lent connections are closed when they come back
             self._nconns = len(self._lent)
             self._connecting = 0
+            self._worker.stop(0.0)  # with the lock: see Worker.add_connection
         for conn in conns:
             conn._pool = None
             _close_quietly(conn)
-        self._worker.stop(0.0)
 
     def drain(self) -> None:
         """Replace every connection: the idle ones now, lent ones when they come back.
@@ -850,6 +911,8 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
             self._min_size, self._max_size = min_size, max_size
             while self._idle and self._nconns > max_size:
                 self._drop_locked(self._idle.pop(0))
+            if self._nconns > max_size:
+                self._chores_at = 0.0  # returns take the slow path, which drops them
             self._grow_locked()
 
     def check(self) -> None:
@@ -857,20 +920,27 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         with self._lock:
             self._raise_if_closed()
             conns, self._idle = self._idle, []
+            generation = self._generation
         for conn in conns:
             try:
                 self.check_connection(conn)
+                ok = True
             except Exception:
-                with self._lock:
+                ok = False
+            with self._lock:
+                if generation != self._generation:
+                    ok = False  # closed or disconnected meanwhile: no longer counted
+                elif not ok:
                     self._connections_lost += 1
                     self._drop_locked(conn)
                     self._grow_locked()
-                continue
-            with self._lock:
-                if self._waiters:
+                    continue
+                elif self._waiters:
                     self._give_locked(self._waiters.popleft(), conn)
                 else:
                     self._idle.append(conn)
+            if not ok:
+                _close_quietly(conn)
 
     @staticmethod
     def check_connection(conn: Connection[Any]) -> None:
@@ -923,7 +993,6 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         return stats
 
     def __enter__(self) -> ConnectionPool[CT]:
-        self._open_implicit = False
         self.open()
         return self
 

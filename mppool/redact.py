@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from psycopg.conninfo import conninfo_to_dict
@@ -16,9 +17,17 @@ def password_of(conninfo: str, kwargs: dict[str, Any] | None = None) -> str | No
     try:
         params = conninfo_to_dict(conninfo)
     except Exception:
-        return None
+        # Unparsable, yet libpq may quote the faulty part in its error: the password.
+        match = _URI_PASSWORD.match(conninfo) or _KEYWORD_PASSWORD.search(conninfo)
+        if match is None:
+            return None
+        return match.group(1).strip("'") or None
     pw = params.get("password")
     return str(pw) if pw else None
+
+
+_URI_PASSWORD = re.compile(r"\s*postgres(?:ql)?://[^:@/?#]*:([^@/?#]+)@", re.IGNORECASE)
+_KEYWORD_PASSWORD = re.compile(r"(?:^|\s)password\s*=\s*('[^']*'?|\S+)")
 
 
 def redact(text: str, *secrets: str | None) -> str:
