@@ -11,13 +11,23 @@ psycopg2.pool's, so adopting mppool is a change of import.
 from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
 from .null_pool import NullConnectionPool
 from .pool import ConnectionPool
+from .psycopg2_pool import (
+    AbstractConnectionPool,
+    PersistentConnectionPool,
+    SimpleConnectionPool,
+    ThreadedConnectionPool,
+)
 
 __all__ = [
+    "AbstractConnectionPool",
     "ConnectionPool",
     "NullConnectionPool",
+    "PersistentConnectionPool",
     "PoolClosed",
     "PoolError",
     "PoolTimeout",
+    "SimpleConnectionPool",
+    "ThreadedConnectionPool",
     "TooManyRequests",
 ]
 
