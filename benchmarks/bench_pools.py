@@ -8,7 +8,10 @@ Contestants (each a small `Entry` in `CONTESTANTS`; add one there):
 - ``psycopg2``: ``psycopg2.pool.ThreadedConnectionPool`` (the C driver), getconn/putconn;
 - ``sqlalchemy``: ``sqlalchemy.pool.QueuePool`` over psycopg 3 connections,
   ``pool.connect()`` and ``.close()``;
-- ``mppool``: ``mppool.ConnectionPool``, both ways (skipped, with a note, until importable).
+- ``mppool``: ``mppool.ConnectionPool``, both ways (skipped, with a note, until importable);
+- ``mppool persistent``: ``mppool.PersistentConnectionPool.getconn()`` and
+  ``mppool.ConnectionPool.thread_connection()`` on a thread that already holds its
+  connection (acquire only: the thread keeps it; not in the contention case).
 
 Cases (one op = acquire (+ query) + release), every connection in autocommit:
 
@@ -56,6 +59,8 @@ QUERY = "SELECT 1"
 
 CM = "connection()"
 GETPUT = "getconn/putconn"
+PERSISTENT = "PersistentConnectionPool.getconn() (held)"
+THREAD_CONN = "thread_connection() (held)"
 
 Loop = Callable[[int], float]  # runs n ops, returns the seconds they took
 Query = Callable[[Any], object]  # runs QUERY on a connection and fetches the row
@@ -207,6 +212,24 @@ def getput_loops(
     return acquire_release, select, worker
 
 
+def held_get_loops(get: Callable[[], Any], query: Query) -> tuple[Loop, Loop]:
+    """A thread asking again for the connection it already holds (persistent modes)."""
+
+    def acquire_release(n: int) -> float:
+        t0 = perf_counter()
+        for _ in range(n):
+            get()
+        return perf_counter() - t0
+
+    def select(n: int) -> float:
+        t0 = perf_counter()
+        for _ in range(n):
+            query(get())
+        return perf_counter() - t0
+
+    return acquire_release, select
+
+
 def prime(get: Callable[[], Any], put: Callable[[Any], object], query: Query) -> None:
     """Check out every connection of the pool at once, query each, give them back."""
     conns = [get() for _ in range(POOL_SIZE)]
@@ -319,6 +342,21 @@ def open_sqlalchemy(dsn: str) -> Contestant:
     return Contestant(*loops, close=pool.dispose, note=note)
 
 
+def open_persistent(dsn: str) -> Contestant:
+    cls = mppool_attr("PersistentConnectionPool")()
+    pool = cls(POOL_SIZE, POOL_SIZE, dsn, autocommit=True)
+    psycopg_select(pool.getconn())  # this thread now holds its connection
+    return Contestant(*held_get_loops(pool.getconn, psycopg_select), None, pool.closeall)
+
+
+def open_thread_connection(dsn: str) -> Contestant:
+    cls = mppool_attr("ConnectionPool")()
+    pool = cls(dsn, min_size=POOL_SIZE, kwargs={"autocommit": True}, open=True)
+    pool.wait(timeout=30.0)
+    psycopg_select(pool.thread_connection())
+    return Contestant(*held_get_loops(pool.thread_connection, psycopg_select), None, pool.close)
+
+
 CONTESTANTS: list[Entry] = [
     Entry("held", "connection", open_held),
     Entry("psycopg_pool", CM, pool_api(psycopg_pool_class, CM)),
@@ -327,12 +365,15 @@ CONTESTANTS: list[Entry] = [
     Entry("sqlalchemy", "connect()/close()", open_sqlalchemy),
     Entry("mppool", CM, pool_api(mppool_attr("ConnectionPool"), CM)),
     Entry("mppool", GETPUT, pool_api(mppool_attr("ConnectionPool"), GETPUT)),
+    Entry("mppool", PERSISTENT, open_persistent),
+    Entry("mppool", THREAD_CONN, open_thread_connection),
 ]
 
 HELD = "held connection"
 PP_CM = f"psycopg_pool {CM}"
 PP_GETPUT = f"psycopg_pool {GETPUT}"
 PSYCOPG2 = f"psycopg2 {GETPUT}"
+MP_GETPUT = f"mppool {GETPUT}"
 
 
 # -- measuring ----------------------------------------------------------------------------
@@ -694,7 +735,15 @@ def report(run: dict[str, Any], env: dict[str, Any]) -> str:
             rows,
         )
     )
-    extra = [f"- {label}: {note}" for label, note in run["notes"].items()]
+    extra = []
+    for method in (PERSISTENT, THREAD_CONN):
+        r = res.paired(f"mppool {method}", MP_GETPUT, "acquire_release", ratio)
+        if r is not None:
+            extra.append(
+                f"- mppool {method} / {MP_GETPUT}, acquire only: {fmt_ratio(r)} "
+                "(a thread asking again for the connection it keeps)"
+            )
+    extra += [f"- {label}: {note}" for label, note in run["notes"].items()]
     extra += [f"- skipped {label}: {why}" for label, why in run["skipped"].items()]
     extra += [f"- FAILED {label}: {why}" for label, why in run["failed"].items()]
     if extra:
