@@ -873,12 +873,14 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
             _close_quietly(conn)
         self._worker.stop(timeout)
 
-    def disconnect(self) -> None:
+    def disconnect(self, timeout: float = 0.0) -> None:
         """Close every connection and stay open: refill on next use, or `open()`.
 
-        Idle connections close now, lent ones when they come back. The
-        gunicorn and celery hooks call this in the parent before workers fork,
-        so the parent holds no connection while its children work.
+        Idle connections close now, lent ones when they come back. A
+        connection being opened in the background is closed as soon as it is
+        made; `timeout` waits up to that many seconds for that to happen, so
+        that the process holds no connection once this returns. The gunicorn
+        and celery hooks call this in the parent before workers fork.
         """
         with self._lock:
             self._generation += 1
@@ -891,6 +893,8 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         for conn in conns:
             conn._pool = None
             _close_quietly(conn)
+        if timeout > 0:
+            self._worker.stop(timeout)
 
     def drain(self) -> None:
         """Replace every connection: the idle ones now, lent ones when they come back.

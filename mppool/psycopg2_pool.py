@@ -586,11 +586,13 @@ class AbstractConnectionPool(forking.ForkAware):
                     self._pending.pop(reservation, None)
                     self._room.notify()
 
-    def disconnect(self) -> None:
+    def disconnect(self, timeout: float = 0.0) -> None:
         """Close the idle connections now, the lent ones when they come back.
 
         The pool stays usable and opens connections again as they are needed:
-        the hooks call it in a parent before it forks workers.
+        the hooks call it in a parent before it forks workers. `timeout` is
+        accepted for the same call as `ConnectionPool.disconnect`: these pools
+        open connections in the caller's thread, so there is nothing to wait for.
         """
         if self._pid != _getpid():
             forking.reinit_if_forked(self)
