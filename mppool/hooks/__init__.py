@@ -1,0 +1,109 @@
+"""Worker-lifecycle hooks: mppool wired into gunicorn and celery.
+
+`mppool.hooks.gunicorn` and `mppool.hooks.celery` call the three actions below
+at the right moments of their server's life. Each acts on every *managed* pool
+alive in the current process, whatever its class and wherever it was created
+(the fork machinery's registry, `mppool.forking.live_pools`):
+
+- `open_pools`: open each pool without waiting (it fills in the background);
+- `disconnect_pools`: close each pool's connections but leave it open, so that
+  a parent process holds no connection while its children work;
+- `close_pools`: close each pool, newest first.
+
+A pool opts out with ``pool.managed = False``: the hooks then leave it alone,
+and it is the application's to open and close (mppool still rebuilds it after a
+fork, and still closes it at interpreter exit).
+
+The actions never raise: a worker must boot and exit whatever one pool does.
+A failure is logged on the ``mppool.hooks`` logger, with the pool's name and
+never its connection string.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from .. import forking
+from ..errors import PoolClosed
+
+__all__ = ["close_pools", "disconnect_pools", "managed_pools", "open_pools"]
+
+logger = logging.getLogger("mppool.hooks")
+
+SETTLE_TIMEOUT = 2.0
+"""Seconds `disconnect_pools` waits, per pool, for a connection attempt already
+under way to finish (and be closed), so that the process really holds no
+connection when it then forks."""
+
+
+def managed_pools() -> list[Any]:
+    """Every pool of this process the hooks act on (``managed`` true), oldest first."""
+    return [pool for pool in forking.live_pools() if getattr(pool, "managed", True)]
+
+
+def _own(pool: Any) -> None:
+    """Rebuild a pool that still carries its parent's pid (a fork no callback saw).
+
+    Opening, disconnecting or closing it as it is would act on the parent's
+    connections; rebuilt, it holds none.
+    """
+    if getattr(pool, "_pid", os.getpid()) != os.getpid():
+        forking.reinit_if_forked(pool)
+
+
+def open_pools() -> int:
+    """Open every managed pool without blocking; how many are open now.
+
+    A pool that is open already but empty (after a fork or `disconnect_pools`)
+    starts refilling to ``min_size`` in the background. A pool that was closed
+    stays closed (it cannot be reopened) and is skipped.
+    """
+    opened = 0
+    for pool in managed_pools():
+        try:
+            _own(pool)
+            pool.open()
+        except PoolClosed:
+            logger.debug("mppool: %r was closed: not reopening it", pool)
+        except Exception:
+            logger.exception("mppool: opening %r failed", pool)
+        else:
+            opened += 1
+    return opened
+
+
+def disconnect_pools(settle: float = SETTLE_TIMEOUT) -> int:
+    """Close every managed pool's connections, leaving the pools open; how many.
+
+    Connections lent out close when they come back. Waits up to `settle`
+    seconds per pool for a connection attempt under way to finish, so that the
+    process holds no connection once this returns.
+    """
+    done = 0
+    for pool in managed_pools():
+        try:
+            _own(pool)
+            pool.disconnect(timeout=settle)
+        except Exception:
+            logger.exception("mppool: disconnecting %r failed", pool)
+        else:
+            done += 1
+    return done
+
+
+def close_pools() -> int:
+    """Close every managed pool, newest first; how many were closed."""
+    closed = 0
+    for pool in reversed(managed_pools()):
+        try:
+            _own(pool)
+            if getattr(pool, "closed", False):
+                continue
+            pool.close()
+        except Exception:
+            logger.exception("mppool: closing %r failed", pool)
+        else:
+            closed += 1
+    return closed

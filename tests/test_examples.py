@@ -1,0 +1,128 @@
+"""Each example in examples/ (quickstart.py aside) run as its docstring says, over TLS.
+
+The examples take DATABASE_URL; the test's DSN carries its application_name,
+so `pg.count()` counts exactly the backends of the example's processes.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers_procs import (
+    ROOT,
+    app_env,
+    assert_no_password,
+    celery_args,
+    gunicorn,
+    new_tag,
+    one_process_per_backend,
+    running,
+    wait_until,
+)
+from psycopg import sql
+
+pytestmark = pytest.mark.slow
+
+
+def run(args: list[str], env: dict[str, str]) -> str:
+    """Run a short command to completion (output captured); its output."""
+    done = subprocess.run(
+        [sys.executable, *args], env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, f"{args} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.mark.parametrize(
+    ("worker_class", "args"),
+    [
+        pytest.param("sync", ["-c", "hooks/gunicorn.conf.py", "--preload", "-w", "2"], id="sync"),
+        pytest.param(
+            "gthread",
+            ["-c", "python:mppool.hooks.gunicorn", "-w", "2", "-k", "gthread"],
+            id="gthread",
+        ),
+    ],
+)
+def test_wsgi_app(
+    pg: Any, tls_dsn: str, tmp_path: Path, worker_class: str, args: list[str]
+) -> None:
+    env = app_env(DATABASE_URL=tls_dsn)
+    log = tmp_path / "gunicorn.log"
+    if worker_class == "gthread":
+        args = [*args, "--threads", "8"]
+    with gunicorn([*args, "examples.wsgi_app:app"], env, log) as server:
+        workers = server.wait_workers(2)
+        results = server.burst("/?sleep=0.01", 120, 16)
+        assert {r["pid"] for r in results} <= workers
+        one_process_per_backend([(r["pid"], r["backend"]) for r in results])
+        assert pg.count() <= 2 * 4, "workers x max_size"
+        stats = server.get("/stats")
+        assert stats["pool_max"] == 4 and stats["pid"] in workers
+        assert server.stop(signal.SIGTERM) == 0
+    pg.wait_count(0)
+    assert_no_password(tls_dsn, log)
+
+
+def test_celery_app(pg: Any, tls_dsn: str, tmp_path: Path) -> None:
+    table = new_tag()
+    env = app_env(
+        DATABASE_URL=tls_dsn,
+        EXAMPLE_TABLE=table,
+        CELERY_BROKER_URL="filesystem://",
+        CELERY_BROKER_FOLDER=str(tmp_path / "broker"),
+    )
+    log = tmp_path / "celery.log"
+    run(["examples/celery_app.py", "setup"], env)
+    try:
+        args = ["-A", "examples.celery_app", "worker", "-c", "2", "--max-tasks-per-child=5"]
+        args += ["--without-mingle", "--without-gossip", "--without-heartbeat", "-l", "INFO"]
+        # Queued before the worker starts: kombu's filesystem transport can read a
+        # message file before its writer is done with it.
+        run(["examples/celery_app.py", "send", "20"], env)
+        with running(celery_args(*args, "-n", f"{table}@h"), env, log) as worker:
+            worker.wait_log(r"ready\.")
+            query = sql.SQL("SELECT worker_pid, backend_pid FROM {}").format(sql.Identifier(table))
+            rows = wait_until(lambda: (r := pg.execute(query)) and len(r) >= 20 and r, 60)
+            assert len(rows) == 20
+            one_process_per_backend([(w, b) for w, b in rows])
+            pids = {w for w, _ in rows}
+            assert worker.pid not in pids and len(pids) >= 4  # recycled every 5 tasks
+            out = run(["examples/celery_app.py", "count"], env)
+            assert sum(int(n) for n in re.findall(r": (\d+) rows", out)) == 20
+            assert worker.stop(signal.SIGTERM) == 0
+        pg.wait_count(0)
+    finally:
+        pg.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
+    assert_no_password(tls_dsn, log)
+
+
+def test_tenants(pg: Any, tls_dsn: str, tmp_path: Path) -> None:
+    tag = new_tag()
+    tenants = [f"{tag}_a", f"{tag}_b"]
+    env = app_env(DATABASE_URL=tls_dsn, TENANTS=",".join(tenants))
+    log = tmp_path / "gunicorn.log"
+    run(["examples/tenants.py", "setup"], env)
+    try:
+        args = ["-c", "python:mppool.hooks.gunicorn", "--preload", "-w", "2"]
+        with gunicorn([*args, "examples.tenants:app"], env, log) as server:
+            # Every tenant's pool opened in every worker, before any request: 2 x 2 x min_size.
+            pg.wait_count(4)
+            results = server.burst(f"/{tenants[0]}", 20, 4) + server.burst(f"/{tenants[1]}", 20, 4)
+            assert [r["schema"] for r in results] == [tenants[0]] * 20 + [tenants[1]] * 20
+            assert max(r["visits"] for r in results) == 20
+            assert pg.count() <= 2 * 2 * 2, "workers x tenants x max_size"
+            with pytest.raises(AssertionError, match="HTTP 404"):
+                server.get("/nobody")
+            assert server.stop(signal.SIGTERM) == 0
+        pg.wait_count(0)
+    finally:
+        for tenant in tenants:
+            pg.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(tenant)))
+    assert_no_password(tls_dsn, log)
