@@ -1,0 +1,420 @@
+"""``mppool demo``: its verdict logic (pure), its pieces, and whole runs against the server."""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from mppool.cli import main
+from mppool.demo import runner
+from mppool.demo.load import LoadResult, Progress
+from mppool.demo.processes import DemoError, Server, wait_for
+from mppool.demo.runner import Options, _kind
+from mppool.demo.verdict import (
+    CELERY_CHILD,
+    CELERY_MAIN,
+    MASTER,
+    WORKER,
+    Observations,
+    ProcessReport,
+    format_stats,
+    format_table,
+    judge,
+    shared_backends,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# -- the verdict ------------------------------------------------------------------
+
+
+def clean_processes() -> list[ProcessReport]:
+    return [
+        ProcessReport(100, MASTER, {(900, "t0"), (901, "t0")}, 0, {"pool_size": 0}),
+        ProcessReport(101, WORKER, {(902, "t1")}, 600),
+        ProcessReport(102, WORKER, {(903, "t1"), (904, "t2")}, 400),
+        ProcessReport(200, CELERY_MAIN, {(905, "t3")}),
+        ProcessReport(201, CELERY_CHILD, {(906, "t4")}, 30),
+    ]
+
+
+def clean(**changes: Any) -> Observations:
+    obs = Observations(
+        processes=clean_processes(),
+        requests_sent=1000,
+        requests_ok=1000,
+        tasks_sent=30,
+        tasks_done=30,
+    )
+    for name, value in changes.items():
+        setattr(obs, name, value)
+    return obs
+
+
+def test_clean_run() -> None:
+    verdict = judge(clean())
+    assert verdict.ok
+    assert verdict.problems == []
+    text = verdict.render()
+    assert text.startswith("Verdict: CLEAN")
+    assert "7 backends, each used by one process only" in text
+    assert "1000/1000 requests answered, 30/30 tasks done" in text
+    assert "nothing left on the server after shutdown" in text
+
+
+def test_a_backend_used_by_master_and_worker_fails() -> None:
+    procs = clean_processes()
+    procs[2].backends.add((900, "t0"))  # the master's session, inherited and used
+    verdict = judge(clean(processes=procs))
+    assert not verdict.ok
+    assert "backend 900 served 2 processes: 100 (master), 102 (worker)" in verdict.problems
+    assert list(verdict.shared) == [(900, "t0")]
+    assert verdict.render().startswith("Verdict: PROBLEMS FOUND")
+
+
+def test_a_reused_backend_pid_is_not_sharing() -> None:
+    """Same pid, another start time: a new session after the old one ended."""
+    procs = clean_processes()
+    procs[1].backends.add((900, "a later start"))
+    assert judge(clean(processes=procs)).ok
+
+
+def test_shared_backends_lists_every_user() -> None:
+    procs = [ProcessReport(pid, WORKER, {(7, "t")}) for pid in (1, 2, 3)]
+    assert [p.pid for p in shared_backends(procs)[(7, "t")]] == [1, 2, 3]
+
+
+def test_failed_requests_fail() -> None:
+    verdict = judge(clean(requests_ok=998, errors=["worker 101: OperationalError: x", "y"]))
+    assert not verdict.ok
+    assert "2 of 1000 requests failed" in verdict.problems
+    assert "2 errors, the first: worker 101: OperationalError: x" in verdict.problems
+
+
+def test_missing_tasks_fail() -> None:
+    verdict = judge(clean(tasks_done=29))
+    assert not verdict.ok
+    assert verdict.problems == ["1 of 30 tasks not done"]
+
+
+def test_an_error_in_a_log_alone_fails() -> None:
+    verdict = judge(clean(errors=["[ERROR] mppool: opening <pool> failed"]))
+    assert not verdict.ok
+
+
+def test_sessions_left_on_the_server_fail() -> None:
+    verdict = judge(clean(left_on_server=3))
+    assert not verdict.ok
+    assert verdict.problems == ["3 sessions still on the server after shutdown"]
+
+
+# -- the table ----------------------------------------------------------------------
+
+
+def test_format_stats() -> None:
+    stats = {"pool_min": 2, "pool_max": 4, "pool_size": 2, "pool_available": 1}
+    stats |= {"requests_num": 750, "connections_num": 2, "connections_lost": 1}
+    assert format_stats(stats) == "size=2/4 idle=1 req=750 opened=2 lost=1"
+    assert format_stats(None) == "-"
+
+
+def test_format_table_orders_by_role_then_pid() -> None:
+    procs = clean_processes()[::-1]
+    procs.append(ProcessReport(99, WORKER, set(), 0, None))
+    lines = format_table(procs).splitlines()
+    assert lines[0].split() == ["pid", "role", "backends", "served", "pool", "stats"]
+    assert set(lines[1]) == {"-"}
+    roles = [re.split(r"\s{2,}", line.strip())[1] for line in lines[2:]]
+    assert roles == [MASTER, WORKER, WORKER, WORKER, CELERY_MAIN, CELERY_CHILD]
+    assert lines[2].split()[:4] == ["100", "master", "900,901", "0"]
+    assert lines[3].split() == ["99", "worker", "-", "0", "-"]
+
+
+def test_error_kinds_blur_pids_and_addresses() -> None:
+    a = "worker 1234: OperationalError: consuming input failed: server closed\n\tThis probably"
+    b = "worker 5678: OperationalError: consuming input failed: server closed\n\tThis probably"
+    expected = "OperationalError: consuming input failed: server closed This probably"
+    assert _kind(a) == _kind(b) == expected
+    log = "[2026-01-01 00:00:00 +0000] [4321] [ERROR] discarding <Connection at 0x7f00ab>"
+    assert _kind(log) == "[ERROR] discarding <Connection at N>"
+
+
+def test_unsafe_says_when_psycopg_pool_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = runner.importlib.util.find_spec
+    monkeypatch.setattr(
+        runner.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "psycopg_pool" else real(name, *a),
+    )
+    out = io.StringIO()
+    demo = runner._Demo(Options(unsafe=True), out, io.StringIO())
+    demo._unsafe(judge(clean()), LoadResult())
+    assert "psycopg_pool is not installed" in out.getvalue()
+    assert "pip install psycopg-pool" in out.getvalue()
+
+
+def test_demo_with_a_wrong_password(capsys: pytest.CaptureFixture[str], dsn: str) -> None:
+    wrong = "wrong-" + secrets.token_hex(6)
+    assert main(["demo", "--dsn", make_conninfo(dsn, password=wrong)]) == 1
+    out, err = capsys.readouterr()
+    assert "password authentication failed" in err
+    assert wrong not in out + err
+
+
+# -- the progress bar -----------------------------------------------------------------
+
+
+def test_progress_without_a_terminal_prints_quarters() -> None:
+    out = io.StringIO()
+    progress = Progress(100, "requests", out)
+    for done in (0, 10, 30, 31, 90, 100):
+        progress.show(done)
+    progress.finish(100)
+    assert out.getvalue().splitlines() == [
+        "  requests: 0/100",
+        "  requests: 30/100",
+        "  requests: 90/100",
+        "  requests: 100/100",
+    ]
+
+
+def test_progress_stopped_short() -> None:
+    out = io.StringIO()
+    progress = Progress(100, "requests", out)
+    progress.show(5)
+    progress.finish(7)
+    assert out.getvalue().splitlines()[-1] == "  requests: 7/100, stopped"
+
+
+def test_progress_on_a_terminal_redraws_one_line() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    progress = Progress(10, "tasks", out)
+    progress.show(5)
+    progress.finish(10)
+    assert out.getvalue() == (
+        "\r[" + "#" * 15 + " " * 15 + "] 5/10 tasks\r[" + "#" * 30 + "] 10/10 tasks\n"
+    )
+
+
+# -- processes ---------------------------------------------------------------------------
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_stop_kills_what_the_server_left_in_its_group(tmp_path: Path) -> None:
+    # The leader exits on SIGTERM; a child that ignores it is left in the group.
+    script = "import signal, subprocess, sys, time; " + (
+        "subprocess.Popen([sys.executable, '-c', "
+        "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print(1, flush=True); time.sleep(60)']); time.sleep(60)"
+    )
+    server = Server(
+        "leader",
+        [sys.executable, "-c", script],
+        env=dict(os.environ),
+        cwd=tmp_path,
+        log=tmp_path / "leader.log",
+    )
+    try:
+        wait_for(lambda: server.log_text().strip() == "1", 20, "the child to start")
+        start = time.monotonic()
+        server.stop(timeout=1.0)
+        assert time.monotonic() - start < 15
+        wait_for(lambda: not group_alive(server.pid), 10, "the group to be gone")
+    finally:
+        if group_alive(server.pid):
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_wait_for_reports_a_server_that_died(tmp_path: Path) -> None:
+    server = Server(
+        "quitter",
+        [sys.executable, "-c", "print('bye'); raise SystemExit(3)"],
+        env=dict(os.environ),
+        cwd=tmp_path,
+        log=tmp_path / "quitter.log",
+    )
+    with pytest.raises(DemoError, match=r"quitter exited with status 3.*\n.*bye"):
+        wait_for(lambda: False, 20, "nothing", server=server)
+
+
+# -- whole runs --------------------------------------------------------------------------
+
+
+def demo_dirs() -> set[str]:
+    """The demo's temporary directories now present (each run makes one, then removes it)."""
+    return {str(p) for p in Path(tempfile.gettempdir()).glob("mppool-demo-*")}
+
+
+def demo_cmd(dsn: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "mppool", "demo", "--dsn", dsn, *args]
+
+
+def demo_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tls_dsn: str, pg: Any) -> None:
+    dirs = demo_dirs()
+    start = time.monotonic()
+    done = subprocess.run(
+        demo_cmd(tls_dsn, "--requests", "300", "--tasks", "30"),
+        env=demo_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - start
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    out = done.stdout
+    assert "Verdict: CLEAN" in out
+    assert "each used by one process only" in out
+    assert "300/300 requests answered, 30/30 tasks done" in out
+    assert "nothing left on the server after shutdown" in out
+    assert "gunicorn -c python:mppool.hooks.gunicorn --preload -w 4" in out
+    for role in ("master", "worker", "celery main", "celery child"):
+        assert re.search(rf"^\s*\d+\s+{role}\s", out, re.M), role
+    assert "TLS on" in out
+    password = re.search(r"password=(\S+)", tls_dsn)
+    assert password and password.group(1) not in out + done.stderr
+    assert not pg.execute("SELECT 1 FROM pg_tables WHERE tablename LIKE 'mppool_demo_%'")
+    assert demo_dirs() <= dirs
+    assert elapsed < 60
+
+
+@pytest.mark.slow
+def test_demo_unsafe_shows_the_errors(tls_dsn: str) -> None:
+    done = subprocess.run(
+        demo_cmd(tls_dsn, "--requests", "200", "--tasks", "20", "--unsafe"),
+        env=demo_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = done.stdout
+    assert done.returncode == 0, f"stdout:\n{out}\nstderr:\n{done.stderr}"
+    assert "Verdict: CLEAN" in out  # mppool's run, which the exit status reflects
+    unsafe = out.split("For comparison: psycopg_pool", 1)[1]
+    assert "gunicorn --preload -w 4" in unsafe  # no mppool hooks
+    sent, answered, failed = map(
+        int, re.findall(r"(\d+) requests sent, (\d+) answered, (\d+) failed", unsafe)[0]
+    )
+    assert failed > 0
+    assert answered + failed == sent
+    # What production sees: TLS errors, lost sessions, a pool that empties for good.
+    assert re.search(r"SSL error|server closed the connection|PoolTimeout", unsafe)
+    assert "Side by side: mppool 200/200 requests answered, 0 shared backends" in out
+
+
+def read_lines(stream: Any, lines: queue.Queue[str]) -> None:
+    for line in stream:
+        lines.put(line)
+
+
+def wait_line(lines: queue.Queue[str], pattern: str, timeout: float) -> re.Match[str]:
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        seen.append(line)
+        found = re.search(pattern, line)
+        if found:
+            return found
+    raise AssertionError(f"no line matching {pattern!r} in {timeout}s; got:\n{''.join(seen)}")
+
+
+def session_members(sid: int) -> list[int]:
+    """Pids of the processes in session `sid` (the demo starts each server in its own)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[3]) == sid and fields[0] != "Z":
+            members.append(int(entry))
+    return members
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+@pytest.mark.parametrize(
+    ("sig", "started"),
+    [(signal.SIGINT, r"master pid (\d+)"), (signal.SIGTERM, r"main process pid (\d+)")],
+    ids=["ctrl-c-during-gunicorn", "sigterm-during-celery"],
+)
+def test_interrupt_stops_everything(
+    sig: signal.Signals, started: str, tls_dsn: str, pg: Any, tmp_path: Path
+) -> None:
+    # Big enough to be still running when the signal comes, each part in its turn.
+    args = ["--requests", "1000000"] if sig == signal.SIGINT else ["--requests", "50"]
+    args += ["--tasks", "5000"]
+    dirs = demo_dirs()
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen(
+            demo_cmd(tls_dsn, *args),
+            env=demo_env(),
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=read_lines, args=(proc.stdout, lines), daemon=True).start()
+    try:
+        leader = int(wait_line(lines, started, 60).group(1))
+        assert session_members(leader), "the server should be running"
+        proc.send_signal(sig)
+        # Ended by the same signal, once clean: a shell shows 130 or 143.
+        assert proc.wait(60) == -sig, (tmp_path / "stderr").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "interrupted" in (tmp_path / "stderr").read_text()
+    assert session_members(leader) == []
+    assert demo_dirs() <= dirs
+    pg.wait_until(
+        lambda: (
+            not pg.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'mppool-demo-%'"
+            )
+        ),
+        10,
+        "the demo's sessions to leave",
+    )
+    assert not pg.execute("SELECT 1 FROM pg_tables WHERE tablename LIKE 'mppool_demo_%'"), (
+        tmp_path / "stderr"
+    ).read_text()
