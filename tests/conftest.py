@@ -10,16 +10,16 @@ from __future__ import annotations
 import itertools
 import re
 import secrets
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import polling
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
-from mppool import testserver
+from mppool import ConnectionPool, testserver
 
 pytest_plugins = ["pytester"]
 
@@ -188,19 +188,8 @@ class PgHelper:
         what: str | Callable[[], str] = "the condition",
         interval: float = 0.02,
     ) -> Any:
-        """Poll `predicate` until it returns something true, which is returned.
-
-        Raises AssertionError naming `what` if `timeout` seconds pass first.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            result = predicate()
-            if result:
-                return result
-            if time.monotonic() >= deadline:
-                desc = what() if callable(what) else what
-                raise AssertionError(f"timed out after {timeout}s waiting for {desc}")
-            time.sleep(interval)  # polling, bounded by the deadline
+        """Poll `predicate` until it returns something true (see polling.wait_until)."""
+        return polling.wait_until(predicate, timeout, what, interval)
 
 
 @pytest.fixture
@@ -211,3 +200,20 @@ def pg(pg_server: testserver.Server, app_name: str) -> Iterator[PgHelper]:
         yield helper
     finally:
         helper._close()
+
+
+@pytest.fixture
+def make_pool(dsn: str) -> Iterator[Callable[..., Any]]:
+    """Create pools (`cls`, ConnectionPool by default) on the test's dsn, open unless
+    told otherwise; all closed at teardown."""
+    pools: list[Any] = []
+
+    def make(cls: type[Any] = ConnectionPool, conninfo: Any = None, **kwargs: Any) -> Any:
+        kwargs.setdefault("open", True)
+        pool = cls(dsn if conninfo is None else conninfo, **kwargs)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.close()

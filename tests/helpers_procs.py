@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import polling
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
@@ -40,19 +41,8 @@ T = TypeVar("T")
 def wait_until(
     predicate: Callable[[], T], timeout: float = 20.0, what: str | Callable[[], str] = "it"
 ) -> T:
-    """Poll `predicate` until it returns something true, and return that.
-
-    AssertionError naming `what` after `timeout` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            desc = what() if callable(what) else what
-            raise AssertionError(f"timed out after {timeout}s waiting for {desc}")
-        time.sleep(0.05)  # polling, bounded by the deadline
+    """Poll `predicate` until it returns something true (see polling.wait_until)."""
+    return polling.wait_until(predicate, timeout, what, 0.05)
 
 
 def new_tag() -> str:

@@ -2,46 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
+from polling import wait_until
 from psycopg import Connection
 from psycopg.rows import DictRow, dict_row
 
 from mppool import NullConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
-    """Poll `predicate` until it returns something true; AssertionError after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(0.01)
-
-
 @pytest.fixture
-def make_pool(dsn: str) -> Iterator[Callable[..., Any]]:
-    """Create null pools on the test's dsn (open by default); all closed at teardown."""
-    pools: list[NullConnectionPool[Any]] = []
-
-    def make(**kwargs: Any) -> Any:
-        kwargs.setdefault("open", True)
-        pool = NullConnectionPool(dsn, **kwargs)
-        pools.append(pool)
-        return pool
-
-    yield make
-    for pool in pools:
-        pool.close()
+def make_pool(make_pool: Callable[..., Any]) -> Callable[..., Any]:
+    """conftest's make_pool, making null pools."""
+    return functools.partial(make_pool, NullConnectionPool)
 
 
 def test_sizes(dsn: str) -> None:

@@ -16,12 +16,13 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from polling import wait_until
 from psycopg import Connection
 from psycopg.conninfo import make_conninfo
 from psycopg.pq import TransactionStatus
@@ -53,18 +54,6 @@ COUNTERS = {
 }
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
-    """Poll `predicate` until it returns something true; AssertionError after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(0.01)
-
-
 def pid(conn: Connection[Any]) -> int:
     return conn.info.backend_pid
 
@@ -77,22 +66,6 @@ def idle_pids(pool: ConnectionPool[Any]) -> set[int]:
     finally:
         for c in conns:
             pool.putconn(c)
-
-
-@pytest.fixture
-def make_pool(dsn: str) -> Iterator[Callable[..., Any]]:
-    """Create pools on the test's dsn (open by default); all closed at teardown."""
-    pools: list[ConnectionPool[Any]] = []
-
-    def make(cls: type[Any] = ConnectionPool, conninfo: Any = None, **kwargs: Any) -> Any:
-        kwargs.setdefault("open", True)
-        pool = cls(dsn if conninfo is None else conninfo, **kwargs)
-        pools.append(pool)
-        return pool
-
-    yield make
-    for pool in pools:
-        pool.close()
 
 
 @pytest.fixture

@@ -8,11 +8,12 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
+from polling import wait_until
 from psycopg.conninfo import make_conninfo
 
 from mppool import (
@@ -24,34 +25,6 @@ from mppool import (
 )
 
 PASSWORD = "pw-S3cr3t-q7Zx"
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
-    """Poll `predicate` until it returns something true; AssertionError after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(0.01)
-
-
-@pytest.fixture
-def make_pool(dsn: str) -> Iterator[Callable[..., Any]]:
-    """Create pools on the test's dsn (open by default); all closed at teardown."""
-    pools: list[ConnectionPool[Any]] = []
-
-    def make(cls: type[Any] = ConnectionPool, conninfo: Any = None, **kwargs: Any) -> Any:
-        kwargs.setdefault("open", True)
-        pool = cls(dsn if conninfo is None else conninfo, **kwargs)
-        pools.append(pool)
-        return pool
-
-    yield make
-    for pool in pools:
-        pool.close()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import polling
 import psycopg
 import pytest
 from forkutil import in_child
@@ -56,10 +57,7 @@ def backend(conn: psycopg.Connection[Any]) -> int:
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting for a condition"
-        time.sleep(0.005)  # polling, bounded by the deadline
+    polling.wait_until(predicate, timeout, interval=0.005)
 
 
 def run_thread(fn: Callable[[], Any]) -> tuple[Any, int]:
