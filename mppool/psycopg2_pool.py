@@ -649,62 +649,43 @@ class AbstractConnectionPool(forking.ForkAware):
             self.close()
 
 
-class SimpleConnectionPool(AbstractConnectionPool):
+class _KeyedConnectionPool(AbstractConnectionPool):
+    """getconn/putconn/closeall with a key, as psycopg2's Simple and Threaded pools have."""
+
+    def getconn(self, key: Hashable | None = None) -> Connection[Any]:
+        """Lend the connection of `key`, or any connection if `key` is None.
+
+        Raises `PoolError` "connection pool exhausted" when `maxconn` are lent
+        (or waits, see ``getconn_timeout``), `PoolClosed` (a `PoolError`)
+        "connection pool is closed".
+        """
+        return self._getconn(key)
+
+    def putconn(
+        self, conn: Connection[Any] | None = None, key: Hashable | None = None, close: bool = False
+    ) -> None:
+        """Put back a connection (or the one lent to `key`); `close` closes it instead.
+
+        Raises `PoolError` "trying to put unkeyed connection" for a connection
+        this pool did not lend, or "connection pool is closed".
+        """
+        self._putconn(conn, key, close)
+
+    def closeall(self) -> None:
+        """Close every connection, even those lent; raises `PoolError` if already closed."""
+        self._closeall()
+
+
+class SimpleConnectionPool(_KeyedConnectionPool):
     """A pool for single-threaded code (psycopg2's), here also safe with threads.
 
     psycopg2's had no lock; this one has `ThreadedConnectionPool`'s, which the
     fork machinery needs and which costs a fraction of a microsecond per call.
     """
 
-    def getconn(self, key: Hashable | None = None) -> Connection[Any]:
-        """Lend the connection of `key`, or any connection if `key` is None.
 
-        Raises `PoolError` "connection pool exhausted" when `maxconn` are lent
-        (or waits, see ``getconn_timeout``), `PoolClosed` (a `PoolError`)
-        "connection pool is closed".
-        """
-        return self._getconn(key)
-
-    def putconn(
-        self, conn: Connection[Any] | None = None, key: Hashable | None = None, close: bool = False
-    ) -> None:
-        """Put back a connection (or the one lent to `key`); `close` closes it instead.
-
-        Raises `PoolError` "trying to put unkeyed connection" for a connection
-        this pool did not lend, or "connection pool is closed".
-        """
-        self._putconn(conn, key, close)
-
-    def closeall(self) -> None:
-        """Close every connection, even those lent; raises `PoolError` if already closed."""
-        self._closeall()
-
-
-class ThreadedConnectionPool(AbstractConnectionPool):
+class ThreadedConnectionPool(_KeyedConnectionPool):
     """A pool that threads share (psycopg2's); the usual choice."""
-
-    def getconn(self, key: Hashable | None = None) -> Connection[Any]:
-        """Lend the connection of `key`, or any connection if `key` is None.
-
-        Raises `PoolError` "connection pool exhausted" when `maxconn` are lent
-        (or waits, see ``getconn_timeout``), `PoolClosed` (a `PoolError`)
-        "connection pool is closed".
-        """
-        return self._getconn(key)
-
-    def putconn(
-        self, conn: Connection[Any] | None = None, key: Hashable | None = None, close: bool = False
-    ) -> None:
-        """Put back a connection (or the one lent to `key`); `close` closes it instead.
-
-        Raises `PoolError` "trying to put unkeyed connection" for a connection
-        this pool did not lend, or "connection pool is closed".
-        """
-        self._putconn(conn, key, close)
-
-    def closeall(self) -> None:
-        """Close every connection, even those lent; raises `PoolError` if already closed."""
-        self._closeall()
 
 
 class PersistentConnectionPool(AbstractConnectionPool):
