@@ -104,11 +104,10 @@ def _after_in_parent() -> None:
 
 
 def _after_in_child() -> None:
-    global _registry_lock, _reinit_lock
+    global _registry_lock
     pools = list(_held)
     _held.clear()
     _registry_lock = threading.Lock()
-    _reinit_lock = threading.Lock()
     for pool in pools:
         try:
             pool._fork_reinit()
@@ -117,16 +116,14 @@ def _after_in_child() -> None:
 
 
 _held: list[Any] = []
-_reinit_lock = threading.Lock()
-_reinit_lock_pid = getpid()
+_reinit_locks: dict[int, threading.Lock] = {}  # one per process: a lock copied by a
+# fork may be held by a thread the child does not have
 
 
 def reinit_if_forked(pool: Any) -> None:
     """The fallback when no fork callback ran: rebuild `pool` if its pid is stale."""
-    global _reinit_lock, _reinit_lock_pid
-    if _reinit_lock_pid != getpid():
-        _reinit_lock, _reinit_lock_pid = threading.Lock(), getpid()
-    with _reinit_lock:
+    # setdefault is atomic: two threads of a fresh child get the same lock.
+    with _reinit_locks.setdefault(getpid(), threading.Lock()):
         if pool._pid != getpid():
             logger.info("mppool: %r used in a forked process: rebuilding it", pool)
             pool._fork_reinit()

@@ -46,12 +46,10 @@ class Worker:
             )
             self._thread.start()
 
-    def stop(self, timeout: float) -> None:
-        """Stop the thread (waiting up to `timeout` seconds); queued attempts are dropped."""
+    def stop(self) -> threading.Thread | None:
+        """Tell the thread to stop (queued attempts are dropped); the thread, to `join`."""
         self._stop.set()
-        thread = self._thread
-        if thread is not None and timeout > 0 and thread is not threading.current_thread():
-            thread.join(timeout)
+        return self._thread
 
     def _run(self, stop: threading.Event) -> None:
         pool = self._pool
@@ -94,3 +92,9 @@ class Worker:
                 continue
             pool._add_ready(conn, generation)
             return
+
+
+def join(thread: threading.Thread | None, timeout: float) -> None:
+    """Wait up to `timeout` seconds for a thread `Worker.stop` returned to end."""
+    if thread is not None and timeout > 0 and thread is not threading.current_thread():
+        thread.join(timeout)

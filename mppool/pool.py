@@ -30,7 +30,7 @@ from psycopg import Connection
 from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 
-from . import forking
+from . import forking, maintenance
 from .affinity import ThreadSlots
 from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
 from .maintenance import Worker
@@ -301,7 +301,10 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         self._chores_at = self._shrink_due  # when the return path next takes the slow way
         self._refill_due = False  # fill to min_size at the next return
         self._worker = Worker(self)
-        self._thread_conns: ThreadSlots[CT] = ThreadSlots(self._reclaim_thread_connection)
+        # Each value: (connection, the `_lent` stamp of the lending it came from).
+        self._thread_conns: ThreadSlots[tuple[CT, float]] = ThreadSlots(
+            self._reclaim_thread_connection
+        )
         self._last_error: str | None = None
         self._reset_stats()
 
@@ -398,10 +401,17 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
                 return
             conn._pool = None
             self._usage += now - lent_at
-            if self._waiters or now >= self._expires.get(conn, 0.0) or now >= self._chores_at:
+            if not (
+                self._waiters or now >= self._expires.get(conn, 0.0) or now >= self._chores_at
+            ):
+                self._idle.append(conn)  # no I/O: a fork is caught at the next checkout
+                return
+            if self._pid == _getpid():
                 self._putconn_slow(conn, now)
-            else:
-                self._idle.append(conn)
+                return
+        # Forked without callbacks: the slow path could close the parent's sockets.
+        forking.reinit_if_forked(self)
+        forking.neutralise(conn)
 
     def connection(self, timeout: float | None = None) -> _Lease[CT]:
         """A context manager lending a connection for the ``with`` block.
@@ -423,25 +433,29 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         until the thread ends, when it goes back to the pool by itself (any
         transaction left open rolled back). For long-running worker threads
         that would otherwise take and give back a connection per task; the
-        connection counts against ``max_size`` all the while. Give it back
-        with `release_thread_connection`, not `putconn`.
+        connection counts against ``max_size`` all the while. If it went back
+        to the pool some other way (`putconn`, or ``conn.close()`` with
+        ``close_returns``), the next call lends the thread a connection anew.
         """
-        conn = self._thread_conns.get()
-        if conn is not None and self._pid == _getpid():
-            return conn
+        held = self._thread_conns.get()
+        if held is not None and self._pid == _getpid():
+            conn, stamp = held
+            if self._lent.get(conn) is stamp:  # still this thread's lending
+                return conn
         conn = self.getconn(timeout)
-        self._thread_conns.set(conn)
+        self._thread_conns.set((conn, self._lent[conn]))
         return conn
 
     def release_thread_connection(self) -> None:
         """Give back the calling thread's connection, if it holds one."""
-        conn = self._thread_conns.clear()
-        if conn is not None and getattr(conn, "_pool", None) is self:
-            self.putconn(conn)
+        held = self._thread_conns.clear()
+        if held is not None:
+            self._reclaim_thread_connection(held)
 
-    def _reclaim_thread_connection(self, conn: CT) -> None:
-        """A thread ended holding its connection: take it back."""
-        if getattr(conn, "_pool", None) is self:
+    def _reclaim_thread_connection(self, held: tuple[CT, float]) -> None:
+        """Give back a thread's connection, unless it already went back another way."""
+        conn, stamp = held
+        if self._lent.get(conn) is stamp:
             self.putconn(conn)
 
     # -- the rest of checkout ------------------------------------------------
@@ -817,6 +831,11 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
 
     # -- life cycle ----------------------------------------------------------
 
+    def _claim(self) -> None:
+        """Rebuild the pool first if it came through a fork that ran no callback."""
+        if self._pid != _getpid():
+            forking.reinit_if_forked(self)
+
     def open(self, wait: bool = False, timeout: float = 30.0) -> None:
         """Open the pool and start filling it to ``min_size`` in the background.
 
@@ -827,8 +846,7 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         reopened.
         """
         self._opened_explicitly()
-        if self._pid != _getpid():
-            forking.reinit_if_forked(self)
+        self._claim()
         self._open()
         if wait:
             self.wait(timeout)
@@ -851,6 +869,7 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         password), if that takes longer than `timeout` seconds; the pool stays
         open and keeps trying.
         """
+        self._claim()
         deadline = monotonic() + timeout
         with self._lock:
             self._raise_if_closed()
@@ -860,8 +879,9 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
                 self._primed = True
                 self._grow_locked()
             while len(self._idle) + len(self._lent) < self._min_size:
+                self._raise_if_closed()  # closed while we waited
                 remaining = deadline - monotonic()
-                if remaining <= 0 or self._closed:
+                if remaining <= 0:
                     last = f": {self._last_error}" if self._last_error else ""
                     raise PoolTimeout(
                         f"pool {self.name!r} initialization incomplete after {timeout} sec{last}"
@@ -874,6 +894,7 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         Clients waiting for a connection get `PoolClosed`. Waits up to
         `timeout` seconds for the background thread to stop.
         """
+        self._claim()
         with self._lock:
             if self._closed:
                 return
@@ -888,11 +909,11 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
                 waiter.error = PoolClosed(f"the pool {self.name!r} was closed while waiting")
                 waiter.ready.release()
             self._filled.notify_all()
-            self._worker.stop(0.0)
+            stopped = self._worker.stop()
         for conn in conns:
             conn._pool = None
             _close_quietly(conn)
-        self._worker.stop(timeout)
+        maintenance.join(stopped, timeout)
 
     def disconnect(self, timeout: float = 0.0) -> None:
         """Close every connection and stay open: refill on next use, or `open()`.
@@ -903,6 +924,7 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         that the process holds no connection once this returns. The gunicorn
         and celery hooks call this in the parent before workers fork.
         """
+        self._claim()
         with self._lock:
             self._generation += 1
             self._primed = False
@@ -910,12 +932,12 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
             self._expires = {}  # lent connections are closed when they come back
             self._nconns = len(self._lent)
             self._connecting = 0
-            self._worker.stop(0.0)  # with the lock: see Worker.add_connection
+            stopped = self._worker.stop()  # with the lock: see Worker.add_connection
         for conn in conns:
             conn._pool = None
             _close_quietly(conn)
-        if timeout > 0:
-            self._worker.stop(timeout)
+        # Only the thread stopped above: a getconn since may have started another.
+        maintenance.join(stopped, timeout)
 
     def drain(self) -> None:
         """Replace every connection: the idle ones now, lent ones when they come back.
@@ -930,6 +952,7 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
 
     def resize(self, min_size: int, max_size: int | None = None) -> None:
         """Change the pool's size while it runs; extra connections close as they free up."""
+        self._claim()
         min_size, max_size = self._check_size(min_size, max_size)
         logger.info("pool %r: resizing to min_size=%s max_size=%s", self.name, min_size, max_size)
         with self._lock:
@@ -942,6 +965,7 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
 
     def check(self) -> None:
         """Test every idle connection now; close broken ones and open replacements."""
+        self._claim()
         with self._lock:
             self._raise_if_closed()
             conns, self._idle = self._idle, []
@@ -1033,7 +1057,7 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         # Only the process that opened the connections may close them.
         if getattr(self, "_closed", True) or getattr(self, "_pid", None) != _getpid():
             return
-        self._worker.stop(0.0)
+        self._worker.stop()
 
     # -- fork ----------------------------------------------------------------
 
