@@ -3,12 +3,16 @@
 The path of a connection, top to bottom:
 
 - `getconn` pops the most recently used idle connection (last in, first out,
-  so the hottest backend stays busy) or queues the caller as a `_Waiter`;
-- `putconn` ends whatever transaction is left, then hands the connection to
-  the longest waiter or pushes it back on the idle stack;
-- `maintenance.Worker` opens connections in the background, and exists only
+  so the hottest backend stays busy); failing that, it connects in the
+  caller's thread when the pool is empty, or queues the caller as a waiter;
+- `putconn` ends whatever transaction is left, then pushes the connection back
+  on the idle stack, or hands it to the longest waiter;
+- an `Opener` opens connections in the background, in threads that exist only
   while there is such work to do.
 
+The decisions (who gets what, when to open or close) are the `Accounting`'s;
+this module is the synchronous driver: it holds the lock, blocks the caller,
+talks to the server and calls the user's callbacks, never under the lock.
 Everything that is not a plain checkout or return (stats beyond counters,
 lifetimes, shrinking, reconnection) is kept off those two paths.
 """
@@ -16,10 +20,8 @@ lifetimes, shrinking, reconnection) is kept off those two paths.
 from __future__ import annotations
 
 import logging
-import random
 import sys
 import threading
-from collections import deque
 from collections.abc import Callable
 from time import monotonic
 from types import TracebackType
@@ -30,11 +32,12 @@ from psycopg import Connection
 from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 
-from . import forking, maintenance
+from . import forking
+from .accounting import Accounting, Attempt, Effects, Policy
 from .affinity import ThreadSlots
-from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
-from .maintenance import Worker
-from .redact import password_of, redact
+from .connector import Connector, background_connect_timeout
+from .driver import MAX_TICK, SyncDriver, Waiter, lent_by
+from .errors import PoolClosed, PoolMisuse, PoolTimeout, TooManyRequests
 
 if sys.version_info >= (3, 13):
     from typing import TypeVar
@@ -54,24 +57,11 @@ _IDLE = TransactionStatus.IDLE
 _INTRANS = TransactionStatus.INTRANS
 _INERROR = TransactionStatus.INERROR
 _ACTIVE = TransactionStatus.ACTIVE
-_getpid = forking.getpid
+_ALIVE = forking.ALIVE
+_rebuild = forking.rebuild
 
 _pool_names = iter(range(1, sys.maxsize))
-_CONNECT_TIMEOUT_FLOOR = 2.0  # psycopg (like libpq) waits at least 2 s on a connect
 _DEFAULT_CLASS: Any = Connection
-
-
-class _Waiter:
-    """A client queued for a connection: the giver sets `conn` and releases `ready`."""
-
-    __slots__ = ("conn", "error", "ready", "since")
-
-    def __init__(self, since: float) -> None:
-        self.since = since
-        self.conn: Any = None
-        self.error: BaseException | None = None
-        self.ready = threading.Lock()
-        self.ready.acquire()
 
 
 class _Lease(Generic[CT]):
@@ -108,15 +98,15 @@ class _ReturnableLease(_Lease[CT]):
     """`_Lease` for ``close_returns`` pools, where ``conn.close()`` in the block returns it.
 
     The connection may then already be lent again, to another thread: leaving
-    the block must not touch it. Each lending is stamped (`ConnectionPool._lent`
-    holds a new float object per lending), so the stamp tells.
+    the block must not touch it. The lending's stamp (see `Member.lent_at`)
+    tells.
     """
 
     __slots__ = ("stamp",)
 
     def __enter__(self) -> CT:
         self.conn = conn = self.pool.getconn(self.timeout)
-        self.stamp = self.pool._lent.get(conn)
+        self.stamp = conn._mppool.lent_at  # type: ignore[attr-defined]
         return conn
 
     def __exit__(
@@ -125,17 +115,24 @@ class _ReturnableLease(_Lease[CT]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.pool._lent.get(self.conn) is self.stamp:
+        if self.conn._mppool.lent_at is self.stamp:  # type: ignore[attr-defined]
             super().__exit__(exc_type, exc, tb)
 
 
-class ConnectionPool(forking.ForkAware, Generic[CT]):
+class ConnectionPool(SyncDriver, Generic[CT]):
     """A pool of psycopg connections, safe to use across ``fork()``.
 
     Same parameters, defaults and meaning as psycopg_pool's ``ConnectionPool``
     3.3: swap the import and nothing else changes. On top of it, a pool created
     before a fork keeps working in parent and child: the child never touches a
     connection it inherited and opens its own, on first use.
+
+    Two differences a user can see: the most recently returned connection is
+    lent first (psycopg_pool lends the oldest), which keeps one backend's
+    caches hot; and a lent connection its borrower lost (an exception landed
+    between `getconn` and `putconn`, say, and nothing references the
+    connection any more) is closed and its slot freed, with a warning,
+    instead of being counted forever.
 
     Args:
         conninfo: connection string or URI, or a callable returning one
@@ -160,25 +157,19 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         max_lifetime: seconds after which a connection is replaced when it
             comes back (minus up to 10% random jitter so they don't all expire
             together).
-        max_idle: seconds of unbroken idleness after which a connection above
-            ``min_size`` is closed.
+        max_idle: seconds a connection above ``min_size`` may stay unused
+            before it is closed (one such connection per ``max_idle`` period).
         reconnect_timeout: seconds a failing connection attempt keeps retrying
             (with exponential backoff) before ``reconnect_failed(pool)`` is called.
         reconnect_failed: see ``reconnect_timeout``.
-        num_workers: accepted for compatibility; mppool opens connections from a
-            single background thread that exists only while it has work.
+        num_workers: most connections opened at once in the background, each
+            in a thread that exists only while it has an attempt to make. An
+            attempt gives up after ``connect_timeout`` if the connection
+            arguments set one, else after a third of ``timeout`` (2 to 10 s),
+            and counts as failed (retried with backoff as any failure).
     """
 
-    _handoff_after = 0.002
-    """Seconds the longest waiter may wait before a returned connection goes to it.
-
-    Sooner, the connection goes back on the stack and the returning thread,
-    usually about to ask again, takes it without waking anyone: under 16
-    threads on 4 connections this measured 1.3-1.6x the throughput of handing
-    every connection over, still serving every thread (see docs/performance.md).
-    """
-    _look_after = 2 * _handoff_after
-    """Seconds after which a waiter not yet served looks at the stack itself."""
+    _policy = Policy(idle_cap=None, inline="empty", refill=True)
 
     @overload
     def __init__(
@@ -254,9 +245,9 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
             raise ValueError(f"num_workers must be at least 1, got {num_workers}")
         if timeout < 0 or max_waiting < 0:
             raise ValueError("timeout and max_waiting cannot be negative")
-        self.conninfo = conninfo
-        self.kwargs = kwargs if kwargs is not None else {}
-        self.connection_class = connection_class
+        self._connector = Connector(
+            conninfo, kwargs if kwargs is not None else {}, connection_class, configure
+        )
         self.name = name if name is not None else f"pool-{next(_pool_names)}"
         self.close_returns = close_returns
         self.timeout = timeout
@@ -267,58 +258,27 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         self.num_workers = num_workers
         self._min_size = min_size
         self._max_size = max_size
-        self._configure = configure
         self._check = check
         self._reset = reset
         self._reconnect_failed = reconnect_failed
-        self._opened = False
-        self._closed = True
-        self._open_implicit = False
-        self._new_state()
+        self._warn_open = open is None  # psycopg_pool's deprecation, owed on first use
+        self._new_state(opened=False)
         self._register_fork_aware()
-        if open is None:
-            self._open_implicit = True
-            open = True
-        # getconn's fast path: no check callback, no deprecation warning owed.
-        self._fast_checkout = check is None and not self._open_implicit
-        if open:
+        if open is None or open:
             self._open()
 
-    def _new_state(self) -> None:
+    def _new_state(self, opened: bool, closed: bool = True) -> None:
         """Everything a child process must not share with its parent."""
-        self._lock = threading.Lock()
-        self._filled = threading.Condition(self._lock)
-        self._idle: list[CT] = []  # a stack: the top is the hottest connection
-        self._lent: dict[CT, float] = {}  # connection -> when it was lent
-        self._expires: dict[CT, float] = {}  # every connection -> when it expires
-        self._waiters: deque[_Waiter] = deque()
-        self._nconns = 0  # idle + lent + being opened
-        self._connecting = 0  # attempts under way
-        self._primed = False  # min_size requested since the last (dis)connect
-        self._generation = 0  # bumped to disown every connection at once
-        self._idle_low = 0  # fewest idle connections seen since the last shrink
-        self._shrink_due = monotonic() + self.max_idle
-        self._chores_at = self._shrink_due  # when the return path next takes the slow way
-        self._refill_due = False  # fill to min_size at the next return
-        self._worker = Worker(self)
-        # Each value: (connection, the `_lent` stamp of the lending it came from).
+        acct = Accounting(self, self._min_size, self._max_size, self._policy, self.max_lifetime)
+        acct.max_idle = self.max_idle
+        acct.opened, acct.closed = opened, closed
+        self._new_driver(acct, threading.Lock())
+        # Each value: (connection, the stamp of the lending it came from).
         self._thread_conns: ThreadSlots[tuple[CT, float]] = ThreadSlots(
             self._reclaim_thread_connection
         )
-        self._last_error: str | None = None
-        self._reset_stats()
-
-    def _reset_stats(self) -> None:
-        self._usage = 0.0
-        self._requests_num = 0
-        self._requests_queued = 0
-        self._requests_wait = 0.0
-        self._requests_errors = 0
-        self._returns_bad = 0
-        self._connections_num = 0
-        self._connections_ms = 0.0
-        self._connections_errors = 0
-        self._connections_lost = 0
+        self._fast = self._check is None and not self._warn_open  # getconn's fast path
+        self._keep = self._policy.idle_cap is None  # putconn's fast path
 
     @staticmethod
     def _check_size(min_size: int, max_size: int | None) -> tuple[int, int]:
@@ -335,11 +295,34 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         return min_size, max_size
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        state = "closed" if self._acct.closed else "open"
         cls = f"{type(self).__module__}.{type(self).__qualname__}"
         return f"<{cls} {self.name!r} ({state}) at 0x{id(self):x}>"
 
     # -- properties ------------------------------------------------------
+
+    @property
+    def conninfo(self) -> ConninfoParam:
+        """The connection string, or the callable returning one."""
+        return self._connector.conninfo
+
+    @conninfo.setter
+    def conninfo(self, value: ConninfoParam) -> None:
+        self._connector.conninfo = value
+
+    @property
+    def kwargs(self) -> KwargsParam:
+        """The extra connection arguments, or the callable returning them."""
+        return self._connector.kwargs
+
+    @kwargs.setter
+    def kwargs(self, value: KwargsParam) -> None:
+        self._connector.kwargs = value
+
+    @property
+    def connection_class(self) -> type[CT]:
+        """The class of the connections."""
+        return cast("type[CT]", self._connector.connection_class)
 
     @property
     def min_size(self) -> int:
@@ -354,7 +337,7 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
     @property
     def closed(self) -> bool:
         """True if the pool is not open (not yet opened, or closed)."""
-        return self._closed
+        return self._acct.closed
 
     # -- the hot path ------------------------------------------------------
 
@@ -366,52 +349,63 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         ``max_waiting`` clients are already queued, `PoolClosed` if the pool is
         not open.
         """
-        if self._pid != _getpid():
-            forking.reinit_if_forked(self)
+        if not _ALIVE[0]:
+            _rebuild()
+        now = monotonic()
         with self._lock:
-            idle = self._idle
-            if idle and not self._closed and self._fast_checkout:
+            acct = self._acct
+            idle: list[CT] = acct.idle
+            if idle and self._fast:
                 conn = idle.pop()
-                if len(idle) < self._idle_low:
-                    self._idle_low = len(idle)
-                self._requests_num += 1
-                self._lent[conn] = monotonic()
+                conn._mppool.lent_at = now  # type: ignore[attr-defined]
                 conn._pool = self  # type: ignore[assignment]
+                acct.requests += 1
                 return conn
-        return self._getconn_slow(timeout)
+        return self._getconn_slow(timeout, now)
 
     def putconn(self, conn: CT) -> None:
         """Give back a connection that `getconn` lent.
 
         A transaction left open or in error is rolled back, a connection
         mid-query is closed, a broken one is replaced in the background.
-        Returning a connection to another pool, or twice, raises `PoolError`.
+        Giving back a connection this pool did not lend (another pool's, or
+        one given back already) raises `PoolMisuse` and changes nothing.
         """
-        if getattr(conn, "_pool", None) is not self:
+        if not _ALIVE[0]:
+            _rebuild()
+        c: Any = conn  # psycopg types _pool as its own pools' base
+        try:
+            lender = c._pool
+        except AttributeError:
+            lender = None
+        if lender is not self:
             self._putconn_foreign(conn)
             return
-        if conn.pgconn.transaction_status != _IDLE or self._reset is not None:
+        if c.pgconn.transaction_status != _IDLE or self._reset is not None:
             if not self._reset_connection(conn):
                 return
         now = monotonic()
+        fx = None
         with self._lock:
-            lent_at = self._lent.pop(conn, None)
-            if lent_at is None:
-                self._putconn_unknown(conn)
-                return
-            conn._pool = None
-            self._usage += now - lent_at
-            if not (
-                self._waiters or now >= self._expires.get(conn, 0.0) or now >= self._chores_at
-            ):
-                self._idle.append(conn)  # no I/O: a fork is caught at the next checkout
-                return
-            if self._pid == _getpid():
-                self._putconn_slow(conn, now)
-                return
-        # Forked without callbacks: the slow path could close the parent's sockets.
-        forking.reinit_if_forked(self)
-        forking.neutralise(conn)
+            acct = self._acct
+            member = c._mppool
+            lent_at = member.lent_at
+            if lent_at is not None and c._pool is self:
+                member.lent_at = None  # from here on the pool owns it again
+                c._pool = None
+                acct.usage += now - lent_at
+                if self._keep and not (
+                    acct.waiters or now >= member.expires or now >= acct.chores_at
+                ):
+                    member.idle_since = now
+                    acct.idle.append(c)
+                    return
+                fx = Effects()
+                acct.returned(c, now, fx)
+        if fx is None:  # given back by another thread just now
+            self._putconn_foreign(conn)
+        else:
+            self._apply(fx)
 
     def connection(self, timeout: float | None = None) -> _Lease[CT]:
         """A context manager lending a connection for the ``with`` block.
@@ -437,13 +431,13 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         to the pool some other way (`putconn`, or ``conn.close()`` with
         ``close_returns``), the next call lends the thread a connection anew.
         """
+        if not _ALIVE[0]:
+            _rebuild()
         held = self._thread_conns.get()
-        if held is not None and self._pid == _getpid():
-            conn, stamp = held
-            if self._lent.get(conn) is stamp:  # still this thread's lending
-                return conn
+        if held is not None and lent_by(held[0], self, held[1]):
+            return held[0]
         conn = self.getconn(timeout)
-        self._thread_conns.set((conn, self._lent[conn]))
+        self._thread_conns.set((conn, conn._mppool.lent_at))  # type: ignore[attr-defined]
         return conn
 
     def release_thread_connection(self) -> None:
@@ -454,18 +448,19 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
 
     def _reclaim_thread_connection(self, held: tuple[CT, float]) -> None:
         """Give back a thread's connection, unless it already went back another way."""
-        conn, stamp = held
-        if self._lent.get(conn) is stamp:
-            self.putconn(conn)
+        if lent_by(held[0], self, held[1]):
+            self.putconn(held[0])
 
     # -- the rest of checkout ------------------------------------------------
 
-    def _getconn_slow(self, timeout: float | None) -> CT:
+    def _getconn_slow(self, timeout: float | None, now: float) -> CT:
         if timeout is None:
             timeout = self.timeout
-        deadline = monotonic() + timeout
+        if self._warn_open:
+            self._warn_implicit_open()
+        deadline = now + timeout
         while True:
-            conn = self._take_or_wait(deadline, timeout)
+            conn = self._checkout(deadline, timeout)
             if self._check is None:
                 return conn
             try:
@@ -474,134 +469,120 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
                 logger.warning(
                     "pool %r: check failed, discarding the connection: %s", self.name, exc
                 )
-                self._discard_lent(conn)
+                self._discard(conn, lost=True)
+                if monotonic() >= deadline:
+                    raise PoolTimeout(
+                        f"couldn't get a connection from pool {self.name!r} after "
+                        f"{timeout:.2f} sec: every connection failed the check; last: {exc}"
+                    ) from None
                 continue
             return conn
 
-    def _take_or_wait(self, deadline: float, timeout: float) -> CT:
-        with self._lock:
-            self._raise_if_closed()
-            if self._open_implicit:
-                self._warn_implicit_open()
-            self._requests_num += 1
-            if self._idle:
-                top = self._idle.pop()
-                if len(self._idle) < self._idle_low:
-                    self._idle_low = len(self._idle)
-                return self._lend_locked(top)
-            if self._nconns == 0 and timeout >= _CONNECT_TIMEOUT_FLOOR:
-                # (with less time, a hung server would hold us past our timeout)
-                conn = self._first_connection_locked(timeout)
-                if conn is not None:
-                    return conn
-            self._primed = True  # first use after open, fork or disconnect: refill
-            if self.max_waiting and len(self._waiters) >= self.max_waiting:
-                self._requests_errors += 1
-                raise TooManyRequests(
-                    f"the pool {self.name!r} already has {len(self._waiters)} requests "
-                    "waiting (max_waiting); retry later or raise max_waiting"
-                )
-            waiter = _Waiter(monotonic())
-            self._waiters.append(waiter)
-            self._requests_queued += 1
-            self._idle_low = 0
-            self._grow_locked()
-        return self._wait(waiter, deadline, timeout)
-
-    def _wait(self, waiter: _Waiter, deadline: float, timeout: float) -> CT:
-        # The first wait ends after _look_after: a connection the returning
-        # thread kept for itself (see _putconn_slow) while we were young in the
-        # queue may be idle by then, with nobody else to hand it to us.
+    def _checkout(self, deadline: float, timeout: float, inline: bool = True) -> CT:
+        """Lend an idle connection, connect in this thread, or queue and wait."""
+        fx = Effects()
+        attempt: Attempt | None = None
+        waiter: Waiter | None = None
         try:
-            remaining = deadline - monotonic()
-            if not waiter.ready.acquire(timeout=max(0.0, min(remaining, self._look_after))):
-                with self._lock:
-                    if waiter.conn is None and waiter.error is None and self._idle:
-                        self._waiters.remove(waiter)
-                        self._requests_wait += monotonic() - waiter.since
-                        return self._lend_locked(self._idle.pop())
-                waiter.ready.acquire(timeout=max(0.0, deadline - monotonic()))
-        except BaseException:
-            self._abandon(waiter)
-            raise
-        with self._lock:
-            self._requests_wait += monotonic() - waiter.since
-            if waiter.conn is not None:
-                return cast(CT, waiter.conn)
-            if waiter.error is not None:
-                self._requests_errors += 1
-                raise waiter.error
-            # Timed out: leave the queue now, not when someone next looks at it.
-            self._waiters.remove(waiter)
-            self._requests_errors += 1
-            last = f"; last connection error: {self._last_error}" if self._last_error else ""
-        raise PoolTimeout(
-            f"couldn't get a connection from pool {self.name!r} after {timeout:.2f} sec{last}"
-        )
+            with self._lock:
+                acct = self._acct
+                if acct.graveyard:
+                    acct.reap(fx)
+                self._raise_if_closed()
+                acct.requests += 1
+                now = monotonic()
+                conn = acct.take(now)
+                if conn is not None:
+                    return cast(CT, conn)
+                if inline:
+                    attempt = acct.admit_inline(timeout)
+                if attempt is None:
+                    if self.max_waiting and len(acct.waiters) >= self.max_waiting:
+                        acct.request_errors += 1
+                        raise TooManyRequests(
+                            f"the pool {self.name!r} already has {len(acct.waiters)} requests "
+                            "waiting (max_waiting); retry later or raise max_waiting"
+                        )
+                    waiter = Waiter()
+                    acct.enqueue(waiter, now, fx)
+        finally:
+            if fx:
+                self._apply(fx)
+        if attempt is not None:
+            try:
+                return self._connect_inline(attempt, deadline)
+            except Exception as exc:
+                self._inline_failed(exc, timeout)
+            with self._lock:
+                self._acct.requests -= 1  # counted again below
+            return self._checkout(deadline, timeout, inline=False)
+        assert waiter is not None
+        return cast(CT, self._wait(waiter, deadline, timeout))
 
-    def _abandon(self, waiter: _Waiter) -> None:
-        """A waiter interrupted: leave the queue, or pass on what it was given."""
-        with self._lock:
-            self._requests_errors += 1
-            conn = waiter.conn
-            if conn is None:
-                if waiter.error is None:
-                    self._waiters.remove(waiter)
-                return
+    def _new_connection(self, timeout: float | None) -> CT:
+        return cast(CT, self._connector.connect(timeout))
+
+    def _connect_bound(self) -> float:
+        return background_connect_timeout(self.timeout)
+
+    def _reconnect_failed_hook(self) -> None:
+        if self._reconnect_failed is not None:
+            self._reconnect_failed(self)
+
+    def _give_back(self, conn: Any) -> None:
         self.putconn(conn)
 
-    def _first_connection_locked(self, timeout: float) -> CT | None:
-        """An empty pool (new, forked, disconnected): connect in this thread.
+    def _closed_error(self) -> PoolClosed:
+        if self._acct.opened:
+            return PoolClosed(f"the pool {self.name!r} is already closed")
+        return PoolClosed(f"the pool {self.name!r} is not open yet: call open() first")
 
-        Nothing could free up sooner, so a hand-off from the background thread
-        would only add latency. Refilling to min_size waits for the first
-        return, so it does not compete with this first query for the CPU. On
-        failure, None: the caller queues and the background thread retries.
+    def _inline_failed(self, exc: Exception, timeout: float) -> None:
+        """Connecting for a client in its thread failed: queue it (the background retries)."""
+
+    def _connect_inline(self, attempt: Attempt, deadline: float) -> CT:
+        """Open a connection for the caller, in its thread; raises what connecting raised.
+
+        Used by `ConnectionPool` when nothing could free up sooner (an empty
+        pool: new, forked, disconnected); refilling to min_size then waits for
+        the first return, so that it does not compete with this first query
+        for the CPU.
         """
-        self._nconns += 1
-        generation = self._generation
-        conn: CT | None = None
-        self._lock.release()
         try:
-            conn = self._connect(connect_timeout=timeout)
-        except Exception:
-            pass
-        finally:  # even if interrupted: else the pool counts a connection it hasn't
-            self._lock.acquire()
-            if conn is None and generation == self._generation:
-                self._nconns -= 1
-        if conn is None:
-            return None
-        if generation != self._generation:  # closed or disconnected meanwhile
-            if self._closed:
-                _close_quietly(conn)
+            conn = self._open_connection(deadline - monotonic())
+        except BaseException:
+            self._end_attempt(attempt)
+            raise
+        fx = Effects()
+        try:
+            with self._lock:
+                acct = self._acct
+                now = monotonic()
+                if acct.add_member(conn, attempt, now):
+                    acct.lend(conn, now)
+                    if not acct.primed and self._policy.refill:
+                        # the first use after open, fork or disconnect
+                        acct.primed = acct.refill_due = True
+                        acct.chores_at = 0.0
+                    return cast(CT, conn)
+                fx.close.append(conn)  # closed meanwhile
                 self._raise_if_closed()
-            self._nconns += 1  # disconnect() recounted without this one
-        self._expires[conn] = monotonic() + self.max_lifetime * (1.0 - 0.1 * random.random())
-        self._primed = True
-        self._refill_due = True
-        self._chores_at = 0.0
-        return self._lend_locked(conn)
-
-    def _lend_locked(self, conn: CT) -> CT:
-        self._lent[conn] = monotonic()
-        conn._pool = self  # type: ignore[assignment]
-        return conn
+                raise PoolClosed(f"the pool {self.name!r} was closed while connecting")
+        finally:
+            if fx:
+                self._apply(fx)
 
     def _raise_if_closed(self) -> None:
-        if self._closed:
-            if self._opened:
-                raise PoolClosed(f"the pool {self.name!r} is already closed")
-            raise PoolClosed(f"the pool {self.name!r} is not open yet: call open() first")
+        if self._acct.closed:
+            raise self._closed_error()
 
-    def _opened_explicitly(self) -> None:
-        self._open_implicit = False
-        self._fast_checkout = self._check is None
-
-    def _warn_implicit_open(self, stacklevel: int = 5) -> None:
+    def _warn_implicit_open(self, stacklevel: int = 4) -> None:
         import warnings
 
-        self._opened_explicitly()
+        if not self._warn_open:
+            return
+        self._warn_open = False
+        self._fast = self._check is None
         warnings.warn(
             f"the default for the {type(self).__name__} 'open' parameter will become "
             "'False' in a future release. Please use open={True|False} explicitly, "
@@ -613,37 +594,26 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
 
     # -- the rest of return ------------------------------------------------
 
-    def _putconn_foreign(self, conn: CT) -> None:
+    def _putconn_foreign(self, conn: Any) -> None:
         if forking.is_orphan(conn):
             return  # inherited across fork and already neutralised: drop it
         owner = getattr(conn, "_pool", None)
-        if owner is None:
-            raise PoolError(
+        if owner is None or owner is self:
+            raise PoolMisuse(
                 f"cannot return this connection to pool {self.name!r}: it is not lent by "
                 "it (returned twice, or never taken from this pool); nothing was changed"
             )
-        raise PoolError(
+        raise PoolMisuse(
             f"cannot return this connection to pool {self.name!r}: it belongs to "
             f"{owner!r}; return it there. Nothing was changed"
         )
 
-    def _putconn_unknown(self, conn: CT) -> None:
-        if forking.is_orphan(conn):
-            return
-        raise PoolError(
-            f"cannot return this connection to pool {self.name!r}: it was already "
-            "returned; nothing was changed"
-        )
-
     def _reset_connection(self, conn: CT) -> bool:
         """Bring a returned connection back to idle; False if it was dropped."""
-        if self._pid != _getpid():
-            forking.reinit_if_forked(self)  # never roll back on an inherited socket
-            return False
         status = conn.pgconn.transaction_status
         if status == _ACTIVE:
             logger.warning("pool %r: connection returned mid-query: closing it", self.name)
-            self._discard_lent(conn, bad=True)
+            self._discard(conn, bad=True)
             return False
         if status in (_INTRANS, _INERROR):
             try:
@@ -661,77 +631,37 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
                 logger.warning(
                     "pool %r: reset failed, discarding the connection: %s", self.name, exc
                 )
-                self._discard_lent(conn, bad=True)
+                self._discard(conn, bad=True)
                 return False
         if conn.pgconn.transaction_status != _IDLE:  # broken or closed
-            self._discard_lent(conn, bad=True)
+            self._discard(conn, bad=True)
             return False
         if status != _IDLE:
             with self._lock:
-                self._returns_bad += 1
+                self._acct.returns_bad += 1
         return True
 
-    def _putconn_slow(self, conn: CT, now: float) -> None:
-        """Return path when someone waits, the connection expired, or a shrink is due."""
-        if self._closed or self._expires.get(conn, 0.0) <= now:  # expired or disowned
-            self._drop_locked(conn)
-            self._grow_locked()
-            return
-        if self._nconns > self._max_size:
-            self._drop_locked(conn)
-            if self._nconns <= self._max_size and not self._refill_due:
-                self._chores_at = self._shrink_due
-            return
-        if self._waiters and now - self._waiters[0].since >= self._handoff_after:
-            self._give_locked(self._waiters.popleft(), conn)
-            return
-        # Nobody has waited long: back on the stack, where the returning thread,
-        # usually about to ask again, takes it without a thread wake-up.
-        self._idle.append(conn)
-        if now >= self._chores_at:
-            self._chores_locked(now)
-
-    def _give_locked(self, waiter: _Waiter, conn: CT) -> None:
-        self._lent[conn] = monotonic()
-        conn._pool = self  # type: ignore[assignment]
-        waiter.conn = conn
-        waiter.ready.release()
-
-    def _chores_locked(self, now: float) -> None:
-        """What the return path does now and then: refill after a first use, shrink."""
-        if self._refill_due:
-            self._refill_due = False
-            self._grow_locked()
-            if now < self._shrink_due:
-                self._chores_at = self._shrink_due
-                return
-        # One connection per max_idle period, and only if some stayed idle all along.
-        if self._idle_low > 0 and self._nconns > self._min_size and self._idle:
-            self._drop_locked(self._idle.pop(0))
-        self._idle_low = len(self._idle)
-        self._chores_at = self._shrink_due = now + self.max_idle
-
-    def _drop_locked(self, conn: CT) -> None:
-        """Forget a connection this pool holds (not lent) and close it."""
-        self._nconns -= 1
-        self._expires.pop(conn, None)
-        conn._pool = None
-        _close_quietly(conn)
-
-    def _discard_lent(self, conn: CT, bad: bool = False) -> None:
+    def _discard(self, conn: CT, bad: bool = False, lost: bool = False) -> None:
         """A lent connection that cannot be reused: close it, open a replacement."""
+        fx = Effects()
         with self._lock:
-            if self._lent.pop(conn, None) is None:
-                return
+            acct = self._acct
+            member = conn._mppool  # type: ignore[attr-defined]
+            if member.lent_at is None or not lent_by(conn, self):
+                return  # returned meanwhile, by another thread
+            member.lent_at = None
             if bad:
-                self._returns_bad += 1
-            self._drop_locked(conn)
-            self._grow_locked()
+                acct.returns_bad += 1
+            if lost:
+                acct.connections_lost += 1
+            acct.drop(conn, fx)
+            acct.grow(fx)
+        self._apply(fx)
 
     def _end_transaction(self, conn: CT, commit: bool) -> None:
         """Commit or roll back what a ``with pool.connection()`` block left open."""
-        if self._pid != _getpid():
-            forking.reinit_if_forked(self)
+        if not _ALIVE[0]:
+            _rebuild()
             return
         status = conn.pgconn.transaction_status
         if status == _INTRANS and commit:
@@ -742,99 +672,7 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
             except Exception as exc:
                 logger.warning("pool %r: rollback failed: %s", self.name, exc)
 
-    # -- growing -------------------------------------------------------------
-
-    def _grow_locked(self) -> None:
-        """Ask for the connections the pool lacks: up to min_size, plus one per waiter."""
-        if self._closed:
-            return
-        wanted = self._min_size if self._primed else 0
-        wanted = max(wanted, len(self._lent) + len(self._idle) + len(self._waiters))
-        wanted = min(wanted, self._max_size)
-        while self._nconns < wanted:
-            self._nconns += 1
-            self._connecting += 1
-            self._worker.add_connection(self._generation)
-
-    def _connect(self, connect_timeout: float | None = None) -> CT:
-        """Open and configure one connection (called by the worker, outside the lock)."""
-        conninfo = self.conninfo() if callable(self.conninfo) else self.conninfo
-        kwargs = self.kwargs() if callable(self.kwargs) else self.kwargs
-        if connect_timeout is not None and "connect_timeout" not in kwargs:
-            kwargs = {**kwargs, "connect_timeout": max(1, int(connect_timeout))}
-        started = monotonic()
-        try:
-            conn = self.connection_class.connect(conninfo, **kwargs)
-        except Exception as exc:
-            msg = redact(str(exc).strip(), password_of(conninfo, kwargs))
-            with self._lock:
-                self._connections_num += 1
-                self._connections_errors += 1
-                self._connections_ms += (monotonic() - started) * 1000.0
-                self._last_error = msg
-            raise
-        conn._pool = None  # psycopg: pooled, so no ResourceWarning at exit
-        try:
-            if self._configure is not None:
-                self._configure(conn)
-            status = conn.pgconn.transaction_status
-            if status != _IDLE:
-                raise psycopg.ProgrammingError(
-                    f"the configure function left the connection in status "
-                    f"{TransactionStatus(status).name}; "
-                    "commit or roll back inside it"
-                )
-        except Exception as exc:
-            _close_quietly(conn)
-            with self._lock:
-                self._connections_num += 1
-                self._connections_errors += 1
-                self._last_error = redact(str(exc), password_of(conninfo, kwargs))
-            raise
-        with self._lock:
-            self._connections_num += 1
-            self._connections_ms += (monotonic() - started) * 1000.0
-            self._last_error = None
-        return conn
-
-    def _add_ready(self, conn: CT, generation: int) -> None:
-        """A new connection is ready: give it to a waiter or put it on the stack."""
-        now = monotonic()
-        with self._lock:
-            if generation != self._generation or self._closed:
-                conn._pool = None
-                _close_quietly(conn)
-                return
-            self._connecting -= 1
-            self._expires[conn] = now + self.max_lifetime * (1.0 - 0.1 * random.random())
-            if self._waiters:
-                self._give_locked(self._waiters.popleft(), conn)
-            else:
-                self._idle.append(conn)
-            self._filled.notify_all()
-
-    def _connect_failed(self, generation: int) -> None:
-        """An attempt gave up after reconnect_timeout: forget it, tell the user."""
-        with self._lock:
-            if generation != self._generation:
-                return
-            self._connecting -= 1
-            self._nconns -= 1
-        logger.warning(
-            "pool %r: giving up a connection attempt after %s sec: %s",
-            self.name,
-            self.reconnect_timeout,
-            self._last_error,
-        )
-        if self._reconnect_failed is not None:
-            self._reconnect_failed(self)
-
     # -- life cycle ----------------------------------------------------------
-
-    def _claim(self) -> None:
-        """Rebuild the pool first if it came through a fork that ran no callback."""
-        if self._pid != _getpid():
-            forking.reinit_if_forked(self)
 
     def open(self, wait: bool = False, timeout: float = 30.0) -> None:
         """Open the pool and start filling it to ``min_size`` in the background.
@@ -845,22 +683,26 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         `disconnect` or by a fork starts refilling now. A closed pool cannot be
         reopened.
         """
-        self._opened_explicitly()
-        self._claim()
+        self._guard()
+        self._warn_open = False
+        self._fast = self._check is None
         self._open()
         if wait:
             self.wait(timeout)
 
     def _open(self) -> None:
-        with self._lock:
-            if self._closed and self._opened:
-                raise PoolClosed(
-                    f"the pool {self.name!r} was closed and cannot be reopened: create a new one"
-                )
-            self._opened = True
-            self._closed = False
-            self._primed = True
-            self._grow_locked()
+        fx = Effects()
+        try:
+            with self._lock:
+                acct = self._acct
+                if acct.closed and acct.opened:
+                    raise PoolClosed(
+                        f"the pool {self.name!r} was closed and cannot be reopened: "
+                        "create a new one"
+                    )
+                acct.open(fx)
+        finally:
+            self._apply(fx)
 
     def wait(self, timeout: float = 30.0) -> None:
         """Block until the pool holds ``min_size`` connections.
@@ -869,51 +711,45 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         password), if that takes longer than `timeout` seconds; the pool stays
         open and keeps trying.
         """
-        self._claim()
+        self._guard()
+        if self._warn_open:
+            self._warn_implicit_open(stacklevel=3)
         deadline = monotonic() + timeout
+        fx = Effects()
+        try:
+            with self._lock:
+                acct = self._acct
+                self._raise_if_closed()
+                if not acct.primed:
+                    acct.primed = True
+                    acct.grow(fx)
+        finally:
+            self._apply(fx)
         with self._lock:
-            self._raise_if_closed()
-            if self._open_implicit:
-                self._warn_implicit_open(stacklevel=3)
-            if not self._primed:
-                self._primed = True
-                self._grow_locked()
-            while len(self._idle) + len(self._lent) < self._min_size:
+            acct = self._acct
+            while len(acct.members) < acct.min_size:
                 self._raise_if_closed()  # closed while we waited
                 remaining = deadline - monotonic()
                 if remaining <= 0:
-                    last = f": {self._last_error}" if self._last_error else ""
+                    last = f": {acct.last_error}" if acct.last_error else ""
                     raise PoolTimeout(
                         f"pool {self.name!r} initialization incomplete after {timeout} sec{last}"
                     )
-                self._filled.wait(remaining)
+                self._changed.wait(min(remaining, MAX_TICK))
+                acct = self._acct
 
     def close(self, timeout: float = 5.0) -> None:
         """Close the pool: idle connections now, lent ones when they come back.
 
         Clients waiting for a connection get `PoolClosed`. Waits up to
-        `timeout` seconds for the background thread to stop.
+        `timeout` seconds for the background threads to stop.
+
+        Safe to call from a signal handler (gunicorn's ``worker_abort``): if
+        the pool's lock stays taken (by the very code the signal interrupted),
+        the connections are left for the process's exit to close.
         """
-        self._claim()
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._generation += 1  # lent connections are closed when they come back
-            conns, self._idle = self._idle, []
-            self._expires = {}
-            self._nconns = len(self._lent)
-            self._connecting = 0
-            waiters, self._waiters = self._waiters, deque()
-            for waiter in waiters:
-                waiter.error = PoolClosed(f"the pool {self.name!r} was closed while waiting")
-                waiter.ready.release()
-            self._filled.notify_all()
-            stopped = self._worker.stop()
-        for conn in conns:
-            conn._pool = None
-            _close_quietly(conn)
-        maintenance.join(stopped, timeout)
+        self._guard()
+        self._close_driver(timeout, PoolClosed(f"the pool {self.name!r} was closed while waiting"))
 
     def disconnect(self, timeout: float = 0.0) -> None:
         """Close every connection and stay open: refill on next use, or `open()`.
@@ -924,20 +760,8 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         that the process holds no connection once this returns. The gunicorn
         and celery hooks call this in the parent before workers fork.
         """
-        self._claim()
-        with self._lock:
-            self._generation += 1
-            self._primed = False
-            conns, self._idle = self._idle, []
-            self._expires = {}  # lent connections are closed when they come back
-            self._nconns = len(self._lent)
-            self._connecting = 0
-            stopped = self._worker.stop()  # with the lock: see Worker.add_connection
-        for conn in conns:
-            conn._pool = None
-            _close_quietly(conn)
-        # Only the thread stopped above: a getconn since may have started another.
-        maintenance.join(stopped, timeout)
+        self._guard()
+        self._disconnect_driver(timeout)
 
     def drain(self) -> None:
         """Replace every connection: the idle ones now, lent ones when they come back.
@@ -945,51 +769,46 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         Useful when what a connection was configured with has changed.
         """
         self.disconnect()
-        if not self._closed:
-            with self._lock:
-                self._primed = True
-                self._grow_locked()
+        fx = Effects()
+        with self._lock:
+            acct = self._acct
+            if not acct.closed:
+                acct.primed = True
+                acct.grow(fx)
+        self._apply(fx)
 
     def resize(self, min_size: int, max_size: int | None = None) -> None:
         """Change the pool's size while it runs; extra connections close as they free up."""
-        self._claim()
+        self._guard()
         min_size, max_size = self._check_size(min_size, max_size)
         logger.info("pool %r: resizing to min_size=%s max_size=%s", self.name, min_size, max_size)
+        fx = Effects()
         with self._lock:
             self._min_size, self._max_size = min_size, max_size
-            while self._idle and self._nconns > max_size:
-                self._drop_locked(self._idle.pop(0))
-            if self._nconns > max_size:
-                self._chores_at = 0.0  # returns take the slow path, which drops them
-            self._grow_locked()
+            self._acct.resize(min_size, max_size, fx)
+        self._apply(fx)
 
     def check(self) -> None:
-        """Test every idle connection now; close broken ones and open replacements."""
-        self._claim()
+        """Test every idle connection now; replace broken or expired ones."""
+        self._guard()
         with self._lock:
             self._raise_if_closed()
-            conns, self._idle = self._idle, []
-            generation = self._generation
-        for conn in conns:
+            acct = self._acct
+            conns, acct.idle = acct.idle, []  # in flight: counted, not lendable
+        while conns:
+            conn = conns.pop()
             try:
                 self.check_connection(conn)
                 ok = True
             except Exception:
                 ok = False
+            fx = Effects()
             with self._lock:
-                if generation != self._generation:
-                    ok = False  # closed or disconnected meanwhile: no longer counted
-                elif not ok:
-                    self._connections_lost += 1
-                    self._drop_locked(conn)
-                    self._grow_locked()
-                    continue
-                elif self._waiters:
-                    self._give_locked(self._waiters.popleft(), conn)
-                else:
-                    self._idle.append(conn)
-            if not ok:
-                _close_quietly(conn)
+                if self._acct is acct:
+                    acct.checked(conn, ok, monotonic(), fx)
+                else:  # forked meanwhile (a thread of ours forked): not ours to touch
+                    return
+            self._apply(fx)
 
     @staticmethod
     def check_connection(conn: Connection[Any]) -> None:
@@ -1008,37 +827,16 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
 
     def get_stats(self) -> dict[str, int]:
         """The pool's figures: the four ``pool_*`` always, counters when not zero."""
+        self._guard()
         with self._lock:
-            return self._stats_locked()
+            return self._acct.stats()
 
     def pop_stats(self) -> dict[str, int]:
         """Like `get_stats`, then reset the counters."""
+        self._guard()
         with self._lock:
-            stats = self._stats_locked()
-            self._reset_stats()
-        return stats
-
-    def _stats_locked(self) -> dict[str, int]:
-        stats = {
-            "pool_min": self._min_size,
-            "pool_max": self._max_size,
-            "pool_size": self._nconns,
-            "pool_available": len(self._idle),
-            "requests_waiting": len(self._waiters),
-        }
-        counters = {
-            "usage_ms": int(self._usage * 1000.0),
-            "requests_num": self._requests_num,
-            "requests_queued": self._requests_queued,
-            "requests_wait_ms": int(self._requests_wait * 1000.0),
-            "requests_errors": self._requests_errors,
-            "returns_bad": self._returns_bad,
-            "connections_num": self._connections_num,
-            "connections_ms": int(self._connections_ms),
-            "connections_errors": self._connections_errors,
-            "connections_lost": self._connections_lost,
-        }
-        stats.update((k, v) for k, v in counters.items() if v)
+            stats = self._acct.stats()
+            self._acct.reset_counters()
         return stats
 
     def __enter__(self) -> ConnectionPool[CT]:
@@ -1054,34 +852,20 @@ class ConnectionPool(forking.ForkAware, Generic[CT]):
         self.close()
 
     def __del__(self) -> None:
-        # Only the process that opened the connections may close them.
-        if getattr(self, "_closed", True) or getattr(self, "_pid", None) != _getpid():
-            return
-        self._worker.stop()
+        # Only the process that opened the connections may close them; the
+        # connections close themselves as they are collected.
+        if getattr(self, "_pid", None) == forking.getpid() and hasattr(self, "_cancel"):
+            self._cancel.set()
 
     # -- fork ----------------------------------------------------------------
 
-    def _fork_acquire(self) -> None:
-        self._lock.acquire()
-
-    def _fork_release(self) -> None:
-        self._lock.release()
-
     def _fork_reinit(self) -> None:
         """In a child: drop the parent's state without a byte to its server."""
-        inherited = list(self._idle) + list(self._lent)
-        self._new_state()
-        self._pid = _getpid()
+        inherited = self._inherited_connections()
+        self._new_state(opened=self._acct.opened, closed=self._acct.closed)
         for conn in inherited:
             forking.neutralise(conn)
 
     def _close_at_exit(self) -> None:
-        if not self._closed:
+        if not self._acct.closed:
             self.close(timeout=1.0)
-
-
-def _close_quietly(conn: Connection[Any]) -> None:
-    try:
-        conn.close()
-    except Exception as exc:
-        logger.debug("error closing a connection: %s", exc)

@@ -32,20 +32,23 @@ What changed, on purpose:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 from collections.abc import Hashable
 from time import monotonic
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg import Connection
 from psycopg.pq import TransactionStatus
 
 from . import forking
+from .accounting import Accounting, Attempt, Effects, Policy
 from .affinity import ThreadKey, ThreadSlots
-from .errors import PoolClosed, PoolError, PoolTimeout
+from .driver import SyncDriver, Waiter, close_quietly
+from .errors import PoolClosed, PoolError, PoolMisuse, PoolTimeout
 
 __all__ = [
     "AbstractConnectionPool",
@@ -60,8 +63,10 @@ logger = logging.getLogger("mppool")
 _IDLE = TransactionStatus.IDLE
 _INTRANS = TransactionStatus.INTRANS
 _INERROR = TransactionStatus.INERROR
-_getpid = forking.getpid
-_TIMEOUT_MAX = threading.TIMEOUT_MAX
+_ALIVE = forking.ALIVE
+_rebuild = forking.rebuild
+_INFINITY = float("inf")
+_pool_numbers = itertools.count(1)
 _P = TypeVar("_P", bound="AbstractConnectionPool")
 
 # psycopg2's messages, kept as the prefix of ours: `"exhausted" in str(e)` works.
@@ -176,7 +181,7 @@ def translate_connect_args(
     return ((conninfo,) if conninfo is not None else ()), kw, connection_class
 
 
-class AbstractConnectionPool(forking.ForkAware):
+class AbstractConnectionPool(SyncDriver):
     """The base of the psycopg2-style pools: generic key-based pooling code.
 
     Subclass it as with psycopg2: override `_connect` to open connections your
@@ -184,6 +189,12 @@ class AbstractConnectionPool(forking.ForkAware):
     methods from your public ones. Unlike psycopg2's, the protected methods are
     thread-safe here: they take the pool's ``_lock`` (reentrant, so a subclass
     may hold it around them).
+
+    The counting of connections (how many exist, who waits) is mppool's shared
+    accounting, the same as `mppool.ConnectionPool`'s; what this class adds
+    are psycopg2's keys. A lent connection is held by its key in ``_used``,
+    so unlike `mppool.ConnectionPool` a connection lost by its borrower is
+    not reclaimed: give it back with ``putconn(key=...)``.
 
     Args:
         minconn: connections opened now, and the most idle ones kept.
@@ -203,6 +214,9 @@ class AbstractConnectionPool(forking.ForkAware):
             `disconnect` and `close` at the worker lifecycle events.
     """
 
+    reconnect_timeout = 0.0  # psycopg2 never retried: a failed connect is the caller's
+    num_workers = 1
+
     def __init__(
         self,
         minconn: int,
@@ -221,41 +235,56 @@ class AbstractConnectionPool(forking.ForkAware):
         self._minconn = minconn
         self._maxconn = maxconn
         self.getconn_timeout = getconn_timeout
-        self._closed = False
+        self.name = f"psycopg2-{next(_pool_numbers)}"
+        self._policy = Policy(idle_cap=minconn, inline="room", refill=False)
         self._args, self._kwargs, self._connection_class = translate_connect_args(args, kwargs)
         self._new_state()
         self._register_fork_aware()
+        fx = Effects()
+        with self._lock:
+            self._acct.open(fx)
         try:
             for _ in range(minconn):
                 self._connect()
         except BaseException:
-            self._closed = True
-            conns = list(self._pool)
-            self._pool.clear()
+            with self._lock:
+                self._acct.closed = True
+                conns, self._acct.idle = self._acct.idle, []
             for conn in conns:
-                _close_quietly(conn)
+                close_quietly(conn)
             raise
+        with self._lock:
+            now = monotonic()
+            for conn in self._acct.idle:  # put there by _connect(), ours or an override
+                self._acct.adopt(conn, now)
 
     def _new_state(self) -> None:
         """Everything a forked child must not share with its parent."""
-        self._lock = threading.RLock()
-        self._room = threading.Condition(self._lock)  # an idle connection or room to open one
+        acct = Accounting(self, self._minconn, self._maxconn, self._policy, _INFINITY)
+        acct.opened, acct.closed = True, False
+        self._new_driver(acct, threading.RLock())
         self._connected = threading.Condition(self._lock)  # a pending connect finished
-        self._pool: list[Connection[Any]] = []  # idle connections, last in first out
         self._used: dict[Hashable, Connection[Any]] = {}  # key -> lent connection
         self._rused: dict[int, Hashable] = {}  # id(connection) -> key
         self._keys = 0  # the last key _getkey() made up
-        self._pending: dict[Hashable, None] = {}  # keys being connected, outside the lock
-        self._returning: set[Connection[Any]] = set()  # put back, being rolled back
-        self._doomed: set[Connection[Any]] = set()  # lent at disconnect(): close on return
-        self._waiting = 0  # threads waiting on _room: notify only if there are some
+        self._pending: dict[Hashable, Attempt] = {}  # keys being connected, outside the lock
 
     # -- properties ------------------------------------------------------------
 
     @property
+    def _pool(self) -> list[Connection[Any]]:
+        """The idle connections, last in first out (psycopg2's attribute)."""
+        return self._acct.idle
+
+    @property
+    def _waiting(self) -> int:
+        """Clients waiting for a connection (``getconn_timeout``)."""
+        return len(self._acct.waiters)
+
+    @property
     def closed(self) -> bool:
         """True once `closeall` (or `close`) was called."""
-        return self._closed
+        return self._acct.closed
 
     @property
     def minconn(self) -> int:
@@ -279,10 +308,11 @@ class AbstractConnectionPool(forking.ForkAware):
             if not value >= 0:
                 raise ValueError(f"getconn_timeout must be None or >= 0, got {value}")
         self._getconn_timeout = value
+        self.timeout = value if value is not None else 30.0
 
     def __repr__(self) -> str:
         cls = f"{type(self).__module__}.{type(self).__qualname__}"
-        state = "closed" if self._closed else "open"
+        state = "closed" if self.closed else "open"
         return (
             f"<{cls} ({state}) minconn={self._minconn} maxconn={self._maxconn} "
             f"idle={len(self._pool)} used={len(self._used)} at 0x{id(self):x}>"
@@ -314,56 +344,162 @@ class AbstractConnectionPool(forking.ForkAware):
 
     def _getconn(self, key: Hashable | None = None) -> Connection[Any]:
         """Lend the connection of `key` (a new key if None): its own, an idle one, or a new one."""
-        if self._pid != _getpid():
-            forking.reinit_if_forked(self)
+        if not _ALIVE[0]:
+            _rebuild()
         with self._lock:
-            if key is None and not self._closed:
-                key = self._getkey()
-            if self._pool and not self._pending and key not in self._used and not self._closed:
-                conn = self._pool.pop()  # the common case: an idle connection
-                if not conn.closed:  # else closed while idle: forget it
-                    self._used[key] = conn
-                    self._rused[id(conn)] = key
-                    conn._pool = self  # type: ignore[assignment]  # `with conn:` won't close it
-                    if self._key_hooks:
-                        self._lent(key, conn)
-                    return conn
-            found, key = self._take_or_reserve(key)
-            if found is not None:
-                return found
-        return self._connect_for(key)
+            acct = self._acct
+            if not acct.closed:
+                if key is None:
+                    key = self._getkey()
+                idle = acct.idle
+                if idle and key not in self._used and not self._pending:
+                    conn = idle.pop()  # the common case: an idle connection
+                    if not conn.closed:
+                        acct.requests += 1
+                        return self._lend(key, acct.lend(conn, monotonic()))
+                    fx = Effects()  # closed while idle: forget it
+                    acct.drop(conn, fx)
+                    self._apply(fx)
+        return self._getconn_slow(key)
 
-    def _take_or_reserve(
-        self, key: Hashable | None
-    ) -> tuple[Connection[Any], Hashable] | tuple[None, Hashable]:
-        """`_getconn` beyond the common case (lock held).
-
-        Lends a connection and returns ``(conn, key)``, or reserves the room to
-        open one and returns ``(None, key)``.
-        """
+    def _getconn_slow(self, key: Hashable | None) -> Connection[Any]:
         deadline: float | None = None
         while True:
-            if self._closed:
-                raise PoolClosed(CLOSED)
-            if key is None:
-                key = self._getkey()
-            if key in self._pending:  # another thread is connecting for this key
-                self._connected.wait()
-                continue
-            conn = self._used.get(key)
-            if conn is None:
-                while self._pool:
-                    conn = self._pool.pop()
-                    if not conn.closed:  # else closed while idle: forget it
-                        break
-                    conn = None
-            if conn is not None:
-                self._lend(key, conn)
-                return conn, key
-            if self._nused() < self._maxconn:
-                self._pending[key] = None
-                return None, key
-            deadline = self._wait_for_room(deadline)
+            fx = Effects()
+            attempt: Attempt | None = None
+            waiter: Waiter | None = None
+            try:
+                with self._lock:
+                    acct = self._acct
+                    if acct.graveyard:
+                        acct.reap(fx)
+                    if acct.closed:
+                        raise PoolClosed(CLOSED)
+                    if key is None:
+                        key = self._getkey()
+                    if key in self._pending:  # another thread is connecting for this key
+                        self._connected.wait()
+                        continue
+                    conn = self._used.get(key)
+                    if conn is not None:
+                        return conn
+                    now = monotonic()
+                    conn = self._take(now, fx)
+                    if conn is not None:
+                        acct.requests += 1
+                        return self._lend(key, conn)
+                    attempt = acct.admit_inline(_INFINITY)
+                    if attempt is not None:
+                        self._pending[key] = attempt
+                    elif self._getconn_timeout is None:
+                        raise PoolError(
+                            f"{EXHAUSTED}: all {self._maxconn} connections (maxconn) are lent; "
+                            "put one back, raise maxconn, or pass getconn_timeout=<seconds> "
+                            "to wait for one"
+                        )
+                    else:
+                        if deadline is None:
+                            deadline = now + self._getconn_timeout
+                        waiter = Waiter()
+                        acct.enqueue(waiter, now, fx)
+            finally:
+                if fx:
+                    self._apply(fx)
+            if attempt is not None:
+                return self._connect_for(key, attempt)
+            assert waiter is not None and deadline is not None
+            conn = self._wait(waiter, deadline, self._getconn_timeout or 0.0)
+            with self._lock:
+                if key not in self._used:
+                    self._acct.requests += 1
+                    return self._lend(key, conn)
+            self._give_back(conn)  # the key got one meanwhile, from another thread
+
+    def _take(self, now: float, fx: Effects) -> Connection[Any] | None:
+        """Lend the hottest idle connection that is still open (lock held)."""
+        acct = self._acct
+        while acct.idle:
+            conn = acct.idle.pop()
+            if not conn.closed:
+                return cast("Connection[Any]", acct.lend(conn, now))
+            acct.drop(conn, fx)  # closed while idle: forget it
+        return None
+
+    def _lend(self, key: Hashable, conn: Connection[Any]) -> Connection[Any]:
+        """Record `conn` as lent to `key` (with the lock held)."""
+        self._used[key] = conn
+        self._rused[id(conn)] = key
+        if self._key_hooks:
+            self._lent(key, conn)
+        return conn
+
+    def _connect_for(self, key: Hashable, attempt: Attempt) -> Connection[Any]:
+        """Open the connection of `key`, reserved in ``_pending``, outside the lock."""
+        try:
+            conn = self._connect(key)
+        except BaseException:
+            with self._lock:
+                self._pending.pop(key, None)
+                self._connected.notify_all()
+            self._end_attempt(attempt)
+            raise
+        fx = Effects()
+        try:
+            with self._lock:
+                self._pending.pop(key, None)
+                self._connected.notify_all()
+                self._unregister(conn)
+                acct = self._acct
+                now = monotonic()
+                if acct.add_member(conn, attempt, now):
+                    acct.requests += 1
+                    return self._lend(key, acct.lend(conn, now))
+                conn._pool = None
+                fx.close.append(conn)  # closed while connecting
+        finally:
+            self._apply(fx)
+        raise PoolClosed(CLOSED)
+
+    def _unregister(self, conn: Connection[Any]) -> None:
+        """Undo what `_connect` (ours or an override) did to register `conn` (lock held)."""
+        idle = self._acct.idle
+        for i in range(len(idle) - 1, -1, -1):
+            if idle[i] is conn:
+                del idle[i]
+        key = self._rused.pop(id(conn), None)
+        if key is not None and self._used.get(key) is conn:
+            del self._used[key]
+
+    def _new_connection(self, timeout: float | None) -> Connection[Any]:
+        """A connection for a background attempt or `open(wait=True)`, through `_connect`."""
+        key = _PrivateKey()
+        try:
+            return self._connect(key)
+        finally:
+            with self._lock:
+                conn = self._used.get(key)
+                if conn is not None:
+                    self._unregister(conn)
+
+    def _give_back(self, conn: Any) -> None:
+        """A waiter's connection it can no longer take: back to the accounting."""
+        fx = Effects()
+        with self._lock:
+            member = conn._mppool
+            if member.lent_at is not None:
+                member.lent_at = None
+                conn._pool = None
+                self._acct.returned(conn, monotonic(), fx)
+        self._apply(fx)
+
+    def _timeout_error(self, timeout: float, last_error: str | None) -> PoolTimeout:
+        return PoolTimeout(
+            f"{EXHAUSTED}: none of the {self._maxconn} connections (maxconn) came back "
+            f"within {timeout:g} sec (getconn_timeout)"
+        )
+
+    def _closed_error(self) -> PoolClosed:
+        return PoolClosed(CLOSED)
 
     def _putconn(
         self, conn: Connection[Any] | None = None, key: Hashable | None = None, close: bool = False
@@ -374,14 +510,19 @@ class AbstractConnectionPool(forking.ForkAware):
         rollback if a transaction is open; closed otherwise, or if it is
         closed, broken or mid-query.
         """
+        if not _ALIVE[0]:
+            _rebuild()
+        fx = Effects()
+        rollback = False
         with self._lock:
+            acct = self._acct
             if key is None and conn is not None:
                 key = self._rused.get(id(conn))
             lent = self._used.get(key)
             if (
                 lent is None
                 or (conn is not None and conn is not lent)
-                or self._closed
+                or acct.closed
                 or (self._pending and key in self._pending)
             ):
                 self._put_failed(conn, key)
@@ -391,154 +532,20 @@ class AbstractConnectionPool(forking.ForkAware):
             self._rused.pop(id(conn), None)
             if self._key_hooks:
                 self._released(key)
+            c: Any = conn
+            c._mppool.lent_at = None  # from here on the pool owns it again
+            c._pool = None
             status = conn.pgconn.transaction_status
-            doomed = bool(self._doomed) and conn in self._doomed
-            if doomed:
-                self._doomed.discard(conn)
-            keep = (
-                not close
-                and not doomed
-                and len(self._pool) + len(self._returning) < self._minconn
-                and status in (_IDLE, _INTRANS, _INERROR)
-            )
-            if keep and status == _IDLE:  # the common case: no I/O
-                conn._pool = None
-                self._pool.append(conn)
-                if self._waiting:
-                    self._room.notify()
-                return
-            if keep:
-                self._returning.add(conn)  # still counts against maxconn
-            elif self._waiting:
-                self._room.notify()
-        conn._pool = None
-        if self._pid != _getpid():  # a fork no callback saw: no I/O on the parent's socket
-            self._returning.discard(conn)
-            forking.neutralise(conn)
-            forking.reinit_if_forked(self)
-        elif keep:
+            if close or status not in (_IDLE, _INTRANS, _INERROR):
+                acct.drop(conn, fx)
+                acct.grow(fx)
+            elif status == _IDLE:
+                acct.returned(conn, monotonic(), fx)  # the common case: no I/O
+            else:
+                rollback = True  # still counted, not lendable, until rolled back
+        self._apply(fx)
+        if rollback:
             self._finish_return(conn)
-        else:
-            _close_quietly(conn)
-
-    def _put_failed(self, conn: Connection[Any] | None, key: Hashable | None) -> None:
-        """`_putconn` cannot take the connection back (lock held): say why.
-
-        A connection inherited across fork and neutralised is quietly dropped.
-        """
-        if _is_orphan(conn):
-            return
-        if self._closed:
-            raise PoolClosed(CLOSED)
-        if conn is None and key is None:
-            raise PoolError(f"{UNKEYED}: neither a connection nor a key was given")
-        if key is None:
-            raise PoolError(
-                f"{UNKEYED}: this pool did not lend it (never taken from this pool, "
-                "or already put back); nothing was changed"
-            )
-        if key not in self._used or key in self._pending:
-            raise PoolError(f"{UNKEYED}: no connection is lent under the key {key!r}")
-        raise PoolError(
-            f"{UNKEYED}: the key {key!r} was lent another connection; nothing was changed"
-        )
-
-    def _closeall(self) -> None:
-        """Close every connection, idle and lent, and the pool (for good)."""
-        if self._pid != _getpid():  # never close what a child inherited: neutralise it
-            forking.reinit_if_forked(self)
-        with self._lock:
-            if self._closed:
-                raise PoolClosed(CLOSED)
-            self._closed = True
-            conns = self._pool + list(self._used.values())
-            keys = list(self._used)
-            self._pool = []
-            self._used.clear()
-            self._rused.clear()
-            self._doomed.clear()
-            for key in keys:
-                self._released(key)
-            self._room.notify_all()
-            self._connected.notify_all()
-        for conn in conns:
-            conn._pool = None
-            _close_quietly(conn)
-
-    # -- internals -------------------------------------------------------------
-
-    _key_hooks = False
-    """True if a subclass overrides `_lent` and `_released`: the hot paths then call them."""
-
-    def _lend(self, key: Hashable, conn: Connection[Any]) -> None:
-        """Record `conn` as lent to `key` (with the lock held)."""
-        self._used[key] = conn
-        self._rused[id(conn)] = key
-        conn._pool = self  # type: ignore[assignment]  # psycopg: `with conn:` won't close it
-        if self._key_hooks:
-            self._lent(key, conn)
-
-    def _lent(self, key: Hashable, conn: Connection[Any]) -> None:
-        """`key` was lent `conn` (with the lock held): for subclasses, see ``_key_hooks``."""
-
-    def _released(self, key: Hashable) -> None:
-        """`key` no longer has a connection (with the lock held): for subclasses."""
-
-    def _nused(self) -> int:
-        """Connections counting against maxconn: lent, being opened, being rolled back."""
-        n = len(self._used) + len(self._returning)
-        if self._pending:
-            n += sum(1 for key in self._pending if key not in self._used)
-        return n
-
-    def _wait_for_room(self, deadline: float | None) -> float:
-        """Exhausted: raise, or wait (lock held) for a connection; return the deadline."""
-        timeout = self._getconn_timeout
-        if timeout is None:
-            raise PoolError(
-                f"{EXHAUSTED}: all {self._maxconn} connections (maxconn) are lent; put one "
-                "back, raise maxconn, or pass getconn_timeout=<seconds> to wait for one"
-            )
-        now = monotonic()
-        if deadline is None:
-            deadline = now + timeout
-        remaining = deadline - now
-        if remaining <= 0:
-            raise PoolTimeout(
-                f"{EXHAUSTED}: none of the {self._maxconn} connections (maxconn) came back "
-                f"within {timeout:g} sec (getconn_timeout)"
-            )
-        self._waiting += 1
-        try:
-            self._room.wait(min(remaining, _TIMEOUT_MAX))
-        finally:
-            self._waiting -= 1
-        return deadline
-
-    def _connect_for(self, key: Hashable) -> Connection[Any]:
-        """Open the connection of `key`, reserved in ``_pending``, outside the lock."""
-        try:
-            conn = self._connect(key)
-        except BaseException:
-            with self._lock:
-                self._pending.pop(key, None)
-                self._connected.notify_all()
-                self._room.notify()
-            raise
-        with self._lock:
-            self._pending.pop(key, None)
-            self._connected.notify_all()
-            if not self._closed:
-                if any(c is conn for c in self._pool):  # an override put it there
-                    self._pool.remove(conn)
-                self._lend(key, conn)
-                return conn
-            if self._used.get(key) is conn:  # closed while connecting
-                del self._used[key]
-            self._rused.pop(id(conn), None)
-        conn._pool = None
-        _close_quietly(conn)
-        raise PoolClosed(CLOSED)
 
     def _finish_return(self, conn: Connection[Any]) -> None:
         """Roll back a returned connection, outside the lock, then keep or close it."""
@@ -548,17 +555,70 @@ class AbstractConnectionPool(forking.ForkAware):
         except Exception as exc:
             logger.warning("mppool: rollback of a returned connection failed: %s", exc)
             ok = False
+        fx = Effects()
         with self._lock:
-            self._returning.discard(conn)
-            doomed = conn in self._doomed
-            self._doomed.discard(conn)
-            self._room.notify()
-            if ok and not doomed and not self._closed and len(self._pool) < self._minconn:
-                conn._pool = None
-                self._pool.append(conn)
-                return
-        conn._pool = None
-        _close_quietly(conn)
+            if ok:
+                self._acct.returned(conn, monotonic(), fx)
+            else:
+                self._acct.drop(conn, fx)
+                self._acct.grow(fx)
+        self._apply(fx)
+
+    def _put_failed(self, conn: Connection[Any] | None, key: Hashable | None) -> None:
+        """`_putconn` cannot take the connection back (lock held): say why.
+
+        A connection inherited across fork and neutralised is quietly dropped.
+        """
+        if _is_orphan(conn):
+            return
+        if self._acct.closed:
+            raise PoolClosed(CLOSED)
+        if conn is None and key is None:
+            raise PoolMisuse(f"{UNKEYED}: neither a connection nor a key was given")
+        if key is None:
+            raise PoolMisuse(
+                f"{UNKEYED}: this pool did not lend it (never taken from this pool, "
+                "or already put back); nothing was changed"
+            )
+        if key not in self._used or key in self._pending:
+            raise PoolMisuse(f"{UNKEYED}: no connection is lent under the key {key!r}")
+        raise PoolMisuse(
+            f"{UNKEYED}: the key {key!r} was lent another connection; nothing was changed"
+        )
+
+    def _closeall(self) -> None:
+        """Close every connection, idle and lent, and the pool (for good)."""
+        if not _ALIVE[0]:
+            _rebuild()  # never close what a child inherited: neutralised instead
+        fx = Effects()
+        with self._lock:
+            acct = self._acct
+            if acct.closed:
+                raise PoolClosed(CLOSED)
+            for key, conn in list(self._used.items()):
+                c: Any = conn
+                if getattr(c, "_mppool", None) is not None and c._mppool.lent_at is not None:
+                    c._mppool.lent_at = None
+                    acct.drop(conn, fx)
+                self._released(key)
+            self._used.clear()
+            self._rused.clear()
+            acct.close(fx, PoolClosed(CLOSED))
+            cancel, self._cancel = self._cancel, threading.Event()
+            self._connected.notify_all()
+        cancel.set()
+        self._apply(fx)
+
+    # -- internals -------------------------------------------------------------
+
+    _key_hooks = False
+    """True if a subclass overrides `_lent` and `_released`: the hot paths then call them."""
+
+    def _lent(self, key: Hashable, conn: Connection[Any]) -> None:
+        """`key` was lent `conn` (with the lock held): for subclasses, see ``_key_hooks``."""
+
+    def _released(self, key: Hashable) -> None:
+        """`key` no longer has a connection (with the lock held): for subclasses."""
 
     # -- life cycle (mppool.hooks) ---------------------------------------------
 
@@ -569,52 +629,56 @@ class AbstractConnectionPool(forking.ForkAware):
         connections are opened as `getconn` needs them; with `wait`, open them
         now until `minconn` exist. Raises `PoolClosed` on a closed pool.
         """
-        if self._pid != _getpid():
-            forking.reinit_if_forked(self)
-        if self._closed:
+        self._guard()
+        if self.closed:
             raise PoolClosed(f"{CLOSED}: it cannot be reopened; create a new pool")
         while wait:
-            reservation = object()
             with self._lock:
-                if self._closed or len(self._pool) + self._nused() >= self._minconn:
+                acct = self._acct
+                if acct.closed or len(acct.members) >= self._minconn:
                     return
-                self._pending[reservation] = None
+                attempt = acct.admit_inline(_INFINITY)
+            if attempt is None:
+                return
             try:
-                self._connect()
-            finally:
-                with self._lock:
-                    self._pending.pop(reservation, None)
-                    self._room.notify()
+                conn = self._new_connection(None)
+            except BaseException:
+                self._end_attempt(attempt)
+                raise
+            fx = Effects()
+            with self._lock:
+                now = monotonic()
+                if self._acct.add_member(conn, attempt, now):
+                    self._acct.place(conn, now, fx)
+                else:
+                    fx.close.append(conn)
+            self._apply(fx)
 
     def disconnect(self, timeout: float = 0.0) -> None:
         """Close the idle connections now, the lent ones when they come back.
 
         The pool stays usable and opens connections again as they are needed:
-        the hooks call it in a parent before it forks workers. `timeout` is
-        accepted for the same call as `ConnectionPool.disconnect`: these pools
-        open connections in the caller's thread, so there is nothing to wait for.
+        the hooks call it in a parent before it forks workers. `timeout` waits
+        up to that many seconds for a connection being opened in the
+        background (for a waiting client) to be closed.
         """
-        if self._pid != _getpid():
-            forking.reinit_if_forked(self)
-            return
-        with self._lock:
-            conns, self._pool = self._pool, []
-            self._doomed.update(self._used.values())
-            self._doomed.update(self._returning)
-        for conn in conns:
-            conn._pool = None
-            _close_quietly(conn)
+        self._guard()
+        self._disconnect_driver(timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """`closeall` unless already closed; never raises for a closed pool.
 
-        `timeout` is accepted for the hooks' sake (``ConnectionPool.close``
-        takes one) and unused: no background thread to wait for.
+        Safe to call from a signal handler, as `ConnectionPool.close`.
         """
-        if self._pid != _getpid():
-            forking.reinit_if_forked(self)
-        with contextlib.suppress(PoolClosed):
-            self._closeall()
+        self._guard()
+        if not self._acquire_lock(timeout):
+            logger.warning("mppool: %r is busy: not closed; the process's exit will", self)
+            return
+        try:
+            with contextlib.suppress(PoolClosed):
+                self._closeall()
+        finally:
+            self._lock.release()
 
     def __enter__(self: _P) -> _P:
         return self
@@ -625,27 +689,20 @@ class AbstractConnectionPool(forking.ForkAware):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self._closed:
+        if not self.closed:
             self.close()
 
     # -- fork ------------------------------------------------------------------
 
-    def _fork_acquire(self) -> None:
-        self._lock.acquire()
-
-    def _fork_release(self) -> None:
-        self._lock.release()
-
     def _fork_reinit(self) -> None:
         """In a child: forget the parent's connections without a byte to the server."""
-        inherited = [*self._pool, *self._used.values(), *self._returning]
+        inherited = [*self._inherited_connections(), *self._used.values()]
         self._new_state()
-        self._pid = _getpid()
         for conn in inherited:
             forking.neutralise(conn)
 
     def _close_at_exit(self) -> None:
-        if not self._closed:
+        if not self.closed:
             self.close()
 
 
@@ -721,9 +778,9 @@ class PersistentConnectionPool(AbstractConnectionPool):
         hold one (or waits, see ``getconn_timeout``), `PoolClosed` (a
         `PoolError`) "connection pool is closed".
         """
-        if self._pid == _getpid():
+        if _ALIVE[0]:
             conn = self._slots.get()
-            if conn is not None and not self._closed:
+            if conn is not None and not self.closed:
                 return conn
         return self._getconn()
 
@@ -755,7 +812,7 @@ class PersistentConnectionPool(AbstractConnectionPool):
 
     def _thread_ended(self, conn: Connection[Any]) -> None:
         """A thread ended holding `conn` (runs in that thread): take it back."""
-        if self._closed or self._pid != _getpid():
+        if self.closed or not _ALIVE[0]:
             return
         key = self._rused.get(id(conn))
         if key is None or self._used.get(key) is not conn:
@@ -771,8 +828,7 @@ def _is_orphan(conn: object) -> bool:
     return isinstance(conn, Connection) and forking.is_orphan(conn)
 
 
-def _close_quietly(conn: Connection[Any]) -> None:
-    try:
-        conn.close()
-    except Exception as exc:
-        logger.debug("mppool: error closing a connection: %s", exc)
+class _PrivateKey:
+    """A key no user holds: for connections `_connect` opens for the pool itself."""
+
+    __slots__ = ()

@@ -35,8 +35,8 @@ from mppool import (
     PoolClosed,
     PoolTimeout,
     TooManyRequests,
-    maintenance,
 )
+from mppool import driver as pool_module
 
 PASSWORD = "pw-S3cr3t-q7Zx"
 MEASURES = {"pool_min", "pool_max", "pool_size", "pool_available", "requests_waiting"}
@@ -779,7 +779,7 @@ def test_reconnect_failed_called_after_reconnect_timeout(dead_dsn: str) -> None:
 
 
 def test_reconnect_backs_off_exponentially(dead_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(maintenance, "INITIAL_DELAY", 0.05)
+    monkeypatch.setattr(pool_module, "INITIAL_DELAY", 0.05)
     attempts: list[float] = []
     called = threading.Event()
 

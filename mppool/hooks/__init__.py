@@ -22,7 +22,6 @@ never its connection string.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from .. import forking
@@ -44,13 +43,13 @@ def managed_pools() -> list[Any]:
 
 
 def _own(pool: Any) -> None:
-    """Rebuild a pool that still carries its parent's pid (a fork no callback saw).
+    """Rebuild the pools first if this process was forked without fork callbacks.
 
-    Opening, disconnecting or closing it as it is would act on the parent's
-    connections; rebuilt, it holds none.
+    Opening, disconnecting or closing an inherited pool as it is would act on
+    the parent's connections; rebuilt, it holds none.
     """
-    if getattr(pool, "_pid", os.getpid()) != os.getpid():
-        forking.reinit_if_forked(pool)
+    if not forking.ALIVE[0]:
+        forking.rebuild()
 
 
 def open_pools() -> int:

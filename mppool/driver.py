@@ -1,0 +1,349 @@
+"""The thread-based driver of the `Accounting`: what every synchronous pool does around it.
+
+`SyncDriver` is the base of `ConnectionPool`, `NullConnectionPool` and the
+psycopg2-compatible pools. It owns the lock the accounting is changed under,
+blocks waiting clients, runs background connection attempts (`Opener`), and
+carries out the accounting's `Effects` (closing connections, starting
+attempts, logging) after releasing the lock: nothing that can block or call
+user code runs under it.
+
+What the subclasses add is their API and how a connection is made
+(`_new_connection`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from time import monotonic
+from typing import Any
+
+from . import forking
+from .accounting import Accounting, Attempt, Effects, Policy
+from .errors import PoolClosed, PoolTimeout
+from .opener import Opener
+
+__all__ = ["SyncDriver"]
+
+logger = logging.getLogger("mppool")
+
+INITIAL_DELAY = 1.0
+"""Seconds before a failed background connection attempt is retried (then doubled)."""
+BACKOFF = 2.0
+JITTER = 0.1
+
+MAX_TICK = 0.25
+"""Longest a waiter sleeps before looking around again (see `SyncDriver._wait`)."""
+
+LOCK_WAIT_IN_MAIN_THREAD = 0.5
+"""Longest `SyncDriver._acquire_lock` waits in the main thread (see there)."""
+
+
+class Waiter:
+    """A client queued for a connection: the accounting sets `conn` or `error`, then wakes it."""
+
+    __slots__ = ("__weakref__", "conn", "error", "ready", "ref")
+
+    def __init__(self) -> None:
+        self.conn: Any = None
+        self.error: BaseException | None = None
+        self.ref: Any = None
+        self.ready = threading.Lock()
+        self.ready.acquire()
+
+    def wake(self) -> None:
+        self.ready.release()
+
+
+class SyncDriver(forking.ForkAware):
+    """Locks, waiting, background attempts and effects for a thread-based pool."""
+
+    name: str
+    timeout: float
+    reconnect_timeout: float
+    num_workers: int
+    _policy: Policy
+    _acct: Accounting
+    _changed: threading.Condition
+    _opener: Opener
+    _cancel: threading.Event
+
+    def _new_driver(self, acct: Accounting, lock: Any) -> None:
+        """Fresh driver state around `acct` (at creation, and in a forked child)."""
+        self._lock = lock
+        self._changed = threading.Condition(lock)  # filled, or an attempt ended
+        self._acct = acct
+        self._cancel = threading.Event()  # set to cut short disowned attempts' backoff
+        self._opener = Opener(self._run_attempt, self.name, self.num_workers)
+
+    # -- what subclasses provide --------------------------------------------
+
+    def _new_connection(self, timeout: float | None) -> Any:
+        """Open and configure one connection (outside the lock); raise on failure."""
+        raise NotImplementedError
+
+    def _connect_bound(self) -> float | None:
+        """How long a background attempt may take (None: psycopg's default)."""
+        return None
+
+    def _closed_error(self) -> PoolClosed:
+        return PoolClosed(f"the pool {self.name!r} is closed")
+
+    def _timeout_error(self, timeout: float, last_error: str | None) -> PoolTimeout:
+        last = f"; last connection error: {last_error}" if last_error else ""
+        return PoolTimeout(
+            f"couldn't get a connection from pool {self.name!r} after {timeout:.2f} sec{last}"
+        )
+
+    def _reconnect_failed_hook(self) -> None:
+        """Called (outside the lock) when a background attempt gives up."""
+
+    def _give_back(self, conn: Any) -> None:
+        """Return a connection a waiter was handed but can no longer take."""
+        raise NotImplementedError
+
+    # -- carrying out the accounting's decisions ------------------------------
+
+    def _apply(self, fx: Effects) -> None:
+        """Do what the accounting asked, outside the lock."""
+        if fx.start:
+            self._opener.submit(fx.start)
+            fx.start = []
+        for conn in fx.close:
+            close_quietly(conn)
+        if fx.lost:
+            logger.warning(
+                "pool %r: %d lent connection(s) lost by their borrower (nothing references "
+                "them any more: an exception between getconn and putconn?): closed, "
+                "their slots freed",
+                self.name,
+                fx.lost,
+            )
+        for level, msg, args in fx.logs:
+            logger.log(level, msg, *args)
+
+    def _acquire_lock(self, timeout: float) -> bool:
+        """Take the lock, but never wait on it for long where a signal handler may run.
+
+        Signal handlers run in the main thread, between two bytecodes of
+        whatever it was doing: possibly inside this pool, with the lock held
+        by the very frame the signal interrupted. The lock is otherwise held
+        for microseconds, so waiting longer would only mean waiting forever.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return bool(self._lock.acquire())
+        wait = min(max(timeout, 0.0), LOCK_WAIT_IN_MAIN_THREAD)
+        return bool(self._lock.acquire(timeout=wait))
+
+    # -- connecting ------------------------------------------------------------
+
+    def _open_connection(self, timeout: float | None) -> Any:
+        """Connect, and count the outcome; raises what connecting raised."""
+        started = monotonic()
+        try:
+            conn = self._new_connection(timeout)
+        except BaseException as exc:
+            with self._lock:
+                self._acct.connected(monotonic() - started, str(exc).strip() or repr(exc))
+                self._changed.notify_all()
+            raise
+        with self._lock:
+            self._acct.connected(monotonic() - started, None)
+        return conn
+
+    def _end_attempt(self, attempt: Attempt, gave_up: bool = False) -> None:
+        """`attempt` made no connection: free its place."""
+        fx = Effects()
+        with self._lock:
+            acct = self._acct
+            if gave_up:
+                acct.primed = False  # the next client makes the pool try again
+            acct.attempt_failed(attempt, fx)
+            self._changed.notify_all()
+        self._apply(fx)
+
+    def _run_attempt(self, attempt: Attempt) -> None:
+        """Open one connection in the background, retrying with exponential backoff.
+
+        Gives up after ``reconnect_timeout`` (then calls
+        `_reconnect_failed_hook`), or as soon as the pool no longer counts on
+        the attempt (closed, disconnected). Runs in an `Opener` thread;
+        whatever a callback raises, ``KeyboardInterrupt`` included, is a
+        failed attempt.
+        """
+        cancel = self._cancel
+        started = monotonic()
+        delay = INITIAL_DELAY
+        bound = self._connect_bound()
+        while not attempt.disowned:
+            try:
+                conn = self._open_connection(bound)
+            except BaseException:
+                logger.warning(
+                    "pool %r: connection attempt failed: %s", self.name, self._acct.last_error
+                )
+                # Give up once reconnect_timeout has passed, not before: the last
+                # wait is cut short so that one attempt falls at the deadline.
+                left = self.reconnect_timeout - (monotonic() - started)
+                if left <= 0:
+                    self._give_up(attempt)
+                    return
+                delay *= 1.0 + JITTER * (2.0 * random.random() - 1.0)
+                if cancel.wait(min(delay, left)):
+                    break
+                delay *= BACKOFF
+                continue
+            fx = Effects()
+            with self._lock:
+                acct = self._acct
+                now = monotonic()
+                if acct.add_member(conn, attempt, now):
+                    acct.place(conn, now, fx)
+                else:
+                    fx.close.append(conn)  # disowned meanwhile
+                self._changed.notify_all()
+            self._apply(fx)
+            return
+        self._end_attempt(attempt)
+
+    def _give_up(self, attempt: Attempt) -> None:
+        last = self._acct.last_error
+        disowned = attempt.disowned
+        self._end_attempt(attempt, gave_up=True)
+        if disowned:
+            return
+        logger.warning(
+            "pool %r: giving up a connection attempt after %s sec: %s",
+            self.name,
+            self.reconnect_timeout,
+            last,
+        )
+        try:
+            self._reconnect_failed_hook()
+        except Exception:
+            logger.exception("pool %r: the reconnect_failed callback failed", self.name)
+
+    # -- waiting ---------------------------------------------------------------
+
+    def _wait(self, waiter: Waiter, deadline: float, timeout: float) -> Any:
+        """Block until the accounting hands `waiter` a connection, or the deadline.
+
+        The waiter sleeps in slices (4 ms, then doubling up to 0.25 s) and,
+        between them, looks around (`Accounting.tick`): a connection the
+        returning thread kept on the stack while this waiter was young, a slot
+        freed by a lost connection's reclaim, an attempt whose thread failed
+        to start. So no missed wake-up can strand it.
+        """
+        slice_ = self._policy.look_after
+        try:
+            while True:
+                remaining = deadline - monotonic()
+                waiter.ready.acquire(timeout=max(0.0, min(remaining, slice_)))
+                fx = Effects()
+                try:
+                    with self._lock:
+                        acct = self._acct
+                        if waiter.conn is not None:
+                            return waiter.conn
+                        if waiter.error is not None:
+                            acct.request_errors += 1
+                            raise waiter.error
+                        now = monotonic()
+                        if now >= deadline:
+                            acct.leave(waiter)
+                            acct.wait_time += timeout
+                            acct.request_errors += 1
+                            last = acct.last_error
+                            break
+                        acct.tick(now, fx)
+                        given: Any = waiter.conn  # tick may have served this waiter
+                        if given is not None:
+                            return given
+                finally:
+                    if fx:
+                        self._apply(fx)
+                    self._opener.ensure()
+                slice_ = min(slice_ * 2, MAX_TICK)
+        except BaseException:
+            self._abandon(waiter)
+            raise
+        raise self._timeout_error(timeout, last)
+
+    def _abandon(self, waiter: Waiter) -> None:
+        """A waiter interrupted: leave the queue, or give back what it was given."""
+        with self._lock:
+            if self._acct.leave(waiter):
+                self._acct.request_errors += 1
+                return
+            conn, waiter.conn = waiter.conn, None
+        if conn is not None:
+            self._give_back(conn)
+
+    # -- life cycle ------------------------------------------------------------
+
+    def _close_driver(self, timeout: float, error: PoolClosed) -> bool:
+        """Close the accounting and stop the background work; False if already closed.
+
+        Safe in a signal handler: see `_acquire_lock`. If the lock cannot be
+        had, the connections are left for the process's exit to close.
+        """
+        if not self._acquire_lock(timeout):
+            logger.warning(
+                "pool %r: busy (its lock is held, possibly by the code a signal "
+                "interrupted): not closed; the process's exit will close its sockets",
+                self.name,
+            )
+            return False
+        fx = Effects()
+        try:
+            acct = self._acct
+            if acct.closed:
+                return False
+            acct.close(fx, error)
+            cancel, self._cancel = self._cancel, threading.Event()
+            self._changed.notify_all()
+        finally:
+            self._lock.release()
+        cancel.set()
+        self._apply(fx)
+        self._opener.join(timeout)
+        return True
+
+    def _disconnect_driver(self, timeout: float) -> None:
+        """Close every connection, stay open; wait up to `timeout` for attempts to settle."""
+        fx = Effects()
+        with self._lock:
+            self._acct.disconnect(fx)
+            cancel, self._cancel = self._cancel, threading.Event()
+        cancel.set()
+        self._apply(fx)
+        if timeout > 0:
+            deadline = monotonic() + timeout
+            with self._lock:
+                while self._acct.settling:
+                    remaining = deadline - monotonic()
+                    if remaining <= 0:
+                        break
+                    self._changed.wait(remaining)
+
+    def _inherited_connections(self) -> list[Any]:
+        """Every connection the accounting knows of (in a child: to neutralise)."""
+        acct = self._acct
+        conns = [*acct.idle, *(member() for member in list(acct.members))]
+        return [conn for conn in conns if conn is not None]
+
+
+def lent_by(conn: Any, pool: Any, stamp: Any = None) -> bool:
+    """True if `pool` lent `conn` (in the lending `stamp`, if given) and still does."""
+    member = getattr(conn, "_mppool", None)
+    if member is None or member.lent_at is None or conn._pool is not pool:
+        return False
+    return stamp is None or member.lent_at is stamp
+
+
+def close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception as exc:
+        logger.debug("mppool: error closing a connection: %s", exc)
