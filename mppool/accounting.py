@@ -48,6 +48,17 @@ Invariants (checked by `problems`, after `reap`, by the property-based test)
 7. A closed pool holds no idle connection, no attempt and no waiter.
 8. Closing a connection never happens here: it goes to `Effects.close`, and
    the driver closes it after releasing its lock.
+
+Interrupted anywhere
+--------------------
+A signal handler's exception (celery's soft time limit, gunicorn's SIGINT) is
+raised in the main thread between two bytecodes, at a call. So every method
+here orders its steps so that the state is whole at each call: an object
+leaves a collection before it is marked detached (``owner = None``), a
+connection leaves the stack before it is given to a waiter, a graveyard entry
+is removed only once processed. What an interrupt cuts short is then either
+not done at all, or done with its object held only by the unwinding frame,
+whose death the graveyard reports.
 """
 
 from __future__ import annotations
@@ -66,9 +77,12 @@ INFINITY = float("inf")
 class _Tracked(weakref.ref):  # type: ignore[type-arg]
     """A weak reference that reports its referent's death to its owner's graveyard.
 
-    Hashed and compared by identity (a user's connection class may define
-    ``__eq__``). ``owner`` is None once the owner let go of it on purpose:
-    its death then means nothing.
+    The callback is the graveyard deque's own ``append``: C code, so it runs
+    whole wherever the referent dies (mid-update, under the pool's lock, with
+    a signal pending) and no Python-level exception can cut it short. ``owner``
+    is None once the owner let go of the object on purpose; the owner skips
+    such entries when it reaps. Hashed and compared by identity (a user's
+    connection class may define ``__eq__``).
     """
 
     __slots__ = ("owner",)
@@ -81,23 +95,12 @@ class _Tracked(weakref.ref):  # type: ignore[type-arg]
     owner: Accounting | None
 
     def __new__(cls, referent: Any, owner: Accounting, *args: Any) -> _Tracked:
-        self = super().__new__(cls, referent, _died)
+        self = super().__new__(cls, referent, owner.graveyard.append)
         self.owner = owner
         return self
 
     def __init__(self, referent: Any, owner: Accounting, *args: Any) -> None:
-        super().__init__(referent, _died)  # type: ignore[call-arg]
-
-
-def _died(ref: Any) -> None:
-    # Runs wherever the referent's last reference went away: possibly in a
-    # thread holding the pool's lock, mid-update. So only a lock-free append
-    # here; the owner reaps under its lock, and the flag sends the next return
-    # down the slow path, which reaps.
-    owner = ref.owner
-    if owner is not None:
-        owner.graveyard.append(ref)
-        owner.chores_at = 0.0
+        super().__init__(referent, owner.graveyard.append)  # type: ignore[call-arg]
 
 
 class Member(_Tracked):
@@ -315,9 +318,12 @@ class Accounting:
 
     def take(self, now: float) -> Any:
         """Lend the hottest idle connection, or return None if there is none."""
-        if self.idle:
-            return self.lend(self.idle.pop(), now)
-        return None
+        if not self.idle:
+            return None
+        conn = self.idle.pop()
+        conn._mppool.lent_at = now
+        conn._pool = self.lender
+        return conn
 
     def admit_inline(self, timeout: float) -> Attempt | None:
         """A client found no idle connection: may it open one in its own thread?
@@ -344,11 +350,12 @@ class Accounting:
     def _end_attempt(self, attempt: Attempt) -> bool:
         """Forget `attempt`; True if the pool was still counting on it."""
         ref = attempt.ref
-        if ref is None:
+        if ref is None or ref.owner is not self:
             return False
-        ref.owner = None
         self.settling.pop(ref, None)
-        return self.inline.pop(ref, False) is None or self.opening.pop(ref, False) is None
+        counted = self.inline.pop(ref, False) is None or self.opening.pop(ref, False) is None
+        ref.owner = None
+        return counted
 
     def add_member(self, conn: Any, attempt: Attempt, now: float) -> bool:
         """An attempt made `conn`: count it. False if the pool no longer wants it
@@ -373,7 +380,7 @@ class Accounting:
         self.members[member] = None
 
     def attempt_failed(self, attempt: Attempt, fx: Effects) -> None:
-        """An attempt gave up: its place is free (for a queued client, say)."""
+        """An attempt made no connection: its place is free (for a queued client, say)."""
         if self._end_attempt(attempt):
             self.grow(fx)
 
@@ -389,15 +396,20 @@ class Accounting:
         self.idle.append(conn)
 
     def _give_oldest(self, conn: Any, now: float) -> bool:
+        """Lend `conn` (off the stack) to the oldest live waiter; False if none."""
         waiters = self.waiters
         while waiters:
-            ref = waiters.popleft()
+            ref = waiters[0]
             waiter = ref()
-            ref.owner = None
-            if waiter is None:
+            if waiter is None:  # its caller is gone: the graveyard has it too
+                waiters.popleft()
                 continue
+            conn._mppool.lent_at = now
+            conn._pool = self.lender
+            waiter.conn = conn  # from here on the waiter finds it, woken or not
             self.wait_time += now - ref.since
-            waiter.conn = self.lend(conn, now)
+            waiters.popleft()
+            ref.owner = None
             waiter.wake()
             return True
         return False
@@ -405,8 +417,8 @@ class Accounting:
     def drop(self, conn: Any, fx: Effects) -> None:
         """Stop counting `conn` (not on the stack) and have it closed."""
         member = conn._mppool
-        if self.members.pop(member, False) is None:
-            member.owner = None
+        self.members.pop(member, None)
+        member.owner = None
         conn._pool = None
         fx.close.append(conn)
 
@@ -425,23 +437,25 @@ class Accounting:
     def leave(self, waiter: Any) -> bool:
         """Take `waiter` out of the queue; False if it was served (or failed) already."""
         ref = waiter.ref
-        if ref is None or ref.owner is None:
+        if ref is None or ref.owner is not self:
             return False
-        ref.owner = None
         try:
             self.waiters.remove(ref)
         except ValueError:
             return False
+        ref.owner = None
         return True
 
     def tick(self, now: float, fx: Effects) -> None:
         """A waiter woke up with nothing: reap, serve the oldest from the stack, grow."""
         if self.graveyard:
             self.reap(fx)
-        while self.idle and self.waiters:
-            if not self._give_oldest(self.idle[-1], now):
+        idle = self.idle
+        while idle and self.waiters:
+            conn = idle.pop()
+            if not self._give_oldest(conn, now):
+                idle.append(conn)
                 break
-            self.idle.pop()
         self.grow(fx)
 
     # -- returning -------------------------------------------------------------
@@ -511,33 +525,36 @@ class Accounting:
             want = self.min_size
         if self.max_size and want > self.max_size:
             want = self.max_size
-        for _ in range(want - self.size):
+        while self.size < want:
             fx.start.append(self._new_attempt(self.opening))
 
     # -- the graveyard -------------------------------------------------------
 
     def reap(self, fx: Effects) -> None:
-        """Free what was lost: connections, attempts and waiters nobody holds any more."""
+        """Free what was lost: connections, attempts and waiters nobody holds any more.
+
+        Each entry is removed only once processed, and processing it twice
+        changes nothing: an interrupt in the middle leaves it for next time.
+        """
         graveyard = self.graveyard
         while graveyard:
-            ref = graveyard.popleft()
-            if ref.owner is not self:
-                continue
-            ref.owner = None
-            if isinstance(ref, Member):
-                if self.members.pop(ref, False) is None:
-                    fx.lost += 1
-                    self.reclaimed += 1
-            elif isinstance(ref, WaiterRef):
-                try:
-                    self.waiters.remove(ref)
-                except ValueError:
-                    pass
-            else:
-                attempt = cast(AttemptRef, ref)
-                self.inline.pop(attempt, None)
-                self.opening.pop(attempt, None)
-                self.settling.pop(attempt, None)
+            ref = graveyard[0]
+            if ref.owner is self:
+                if isinstance(ref, Member):
+                    if ref in self.members:
+                        self.members.pop(ref, None)
+                        fx.lost += 1
+                        self.reclaimed += 1
+                elif isinstance(ref, WaiterRef):
+                    if ref in self.waiters:
+                        self.waiters.remove(ref)
+                else:
+                    attempt = cast(AttemptRef, ref)
+                    self.inline.pop(attempt, None)
+                    self.opening.pop(attempt, None)
+                    self.settling.pop(attempt, None)
+                ref.owner = None
+            graveyard.popleft()
         self.grow(fx)
 
     # -- life cycle ------------------------------------------------------------
@@ -555,14 +572,14 @@ class Accounting:
         background attempts under way move to `settling` (their connection is
         closed when made).
         """
-        for conn in self.idle:
-            self.drop(conn, fx)
-        self.idle = []
+        idle = self.idle
+        while idle:
+            self.drop(idle.pop(), fx)
         for member in self.members:  # all lent now
             member.expires = 0.0
-        for ref in self.opening:
+        for ref in list(self.opening):
             self.settling[ref] = None
-        self.opening.clear()
+            del self.opening[ref]
         self.chores_at = 0.0
 
     def close(self, fx: Effects, error: BaseException) -> None:
@@ -570,15 +587,18 @@ class Accounting:
         self.closed = True
         self.primed = False
         self.disown(fx)
-        for attempt in self.inline:
+        for attempt in list(self.inline):
+            del self.inline[attempt]
             attempt.owner = None
-        self.inline.clear()
-        waiters, self.waiters = self.waiters, deque()
-        for ref in waiters:
-            ref.owner = None
+        waiters = self.waiters
+        while waiters:
+            ref = waiters[0]
             waiter = ref()
             if waiter is not None:
-                waiter.error = error
+                waiter.error = error  # from here on the waiter finds it, woken or not
+            waiters.popleft()
+            ref.owner = None
+            if waiter is not None:
                 waiter.wake()
 
     def disconnect(self, fx: Effects) -> None:

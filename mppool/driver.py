@@ -246,9 +246,10 @@ class SyncDriver(forking.ForkAware):
                         acct = self._acct
                         if waiter.conn is not None:
                             return waiter.conn
-                        if waiter.error is not None:
+                        if waiter.error is not None or acct.closed:
+                            acct.leave(waiter)
                             acct.request_errors += 1
-                            raise waiter.error
+                            raise waiter.error or self._closed_error()
                         now = monotonic()
                         if now >= deadline:
                             acct.leave(waiter)

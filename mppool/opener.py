@@ -5,10 +5,18 @@ one of at most ``num_workers`` threads, so one unresponsive host holds one
 thread, not the pool. A thread ends as soon as no attempt is waiting: an idle
 pool has no thread at all, so forking it raises no warning and the child needs
 no thread to exist.
+
+The threads are started with ``_thread.start_new_thread`` rather than
+``threading.Thread.start``: the latter waits on a ``threading.Event`` for the
+new thread to come up, and an exception raised by a signal handler during
+that wait (celery's soft time limit, say) leaves the Event's lock released
+twice, turning the user's exception into ``RuntimeError: release unlocked
+lock``. Starting a raw thread waits on nothing.
 """
 
 from __future__ import annotations
 
+import _thread
 import logging
 import threading
 from collections import deque
@@ -20,6 +28,20 @@ from .accounting import Attempt
 __all__ = ["Opener"]
 
 logger = logging.getLogger("mppool")
+
+_START_GRACE = 1.0
+"""Seconds a thread may take between being counted and running."""
+
+
+class _Worker:
+    """One thread of an `Opener`, counted from before it starts until it ends."""
+
+    __slots__ = ("counted_at", "ident", "running")
+
+    def __init__(self, counted_at: float) -> None:
+        self.counted_at = counted_at
+        self.running = False
+        self.ident = 0
 
 
 class Opener:
@@ -35,8 +57,9 @@ class Opener:
         self._name = name
         self._num_workers = num_workers
         self._lock = threading.Lock()
+        self._ended = threading.Condition(self._lock)
         self._tasks: deque[Attempt] = deque()
-        self._threads: set[threading.Thread] = set()
+        self._workers: dict[_Worker, None] = {}
 
     def submit(self, attempts: Iterable[Attempt]) -> None:
         """Queue attempts and start the threads they need."""
@@ -47,30 +70,35 @@ class Opener:
         """Start threads for queued attempts, up to ``num_workers`` in all.
 
         Idempotent: callers repeat it (a waiter's tick does) so that a thread
-        start that failed or was interrupted is made up for.
+        start that failed or was interrupted is made up for: a thread counted
+        but not running a second later (an exception landed in between) is
+        forgotten.
         """
         while True:
+            now = monotonic()
             with self._lock:
-                if len(self._threads) >= min(len(self._tasks), self._num_workers):
+                workers = self._workers
+                for worker in list(workers):
+                    if not worker.running and now - worker.counted_at > _START_GRACE:
+                        del workers[worker]
+                if len(workers) >= min(len(self._tasks), self._num_workers):
                     return
-                thread = threading.Thread(
-                    target=self._work, name=f"mppool-{self._name}", daemon=True
-                )
-                self._threads.add(thread)
+                worker = _Worker(now)
+                workers[worker] = None
             try:
-                thread.start()
+                _thread.start_new_thread(self._work, (worker,))
             except BaseException:
                 with self._lock:
-                    self._threads.discard(thread)
+                    self._workers.pop(worker, None)
                 raise
 
-    def _work(self) -> None:
-        me = threading.current_thread()
+    def _work(self, worker: _Worker) -> None:
+        worker.ident = _thread.get_ident()
+        worker.running = True
         try:
             while True:
                 with self._lock:
-                    if not self._tasks:
-                        self._threads.discard(me)
+                    if not self._tasks or worker not in self._workers:
                         return
                     attempt = self._tasks.popleft()
                 try:
@@ -79,22 +107,23 @@ class Opener:
                     logger.exception("mppool: pool %r: error opening a connection", self._name)
         finally:
             with self._lock:
-                self._threads.discard(me)
+                self._workers.pop(worker, None)
+                self._ended.notify_all()
 
-    def threads(self) -> list[threading.Thread]:
-        """The threads running now."""
+    def running(self) -> int:
+        """How many threads are running or starting now."""
         with self._lock:
-            return list(self._threads)
+            return len(self._workers)
 
     def join(self, timeout: float) -> None:
-        """Wait up to `timeout` seconds in all for the running threads to end."""
+        """Wait up to `timeout` seconds for the running threads (but the caller's) to end."""
         if timeout <= 0:
             return
         deadline = monotonic() + timeout
-        me = threading.current_thread()
-        for thread in self.threads():
-            remaining = deadline - monotonic()
-            if remaining <= 0:
-                return
-            if thread is not me and thread.ident is not None:
-                thread.join(remaining)
+        me = _thread.get_ident()
+        with self._lock:
+            while any(worker.ident != me for worker in self._workers):
+                remaining = deadline - monotonic()
+                if remaining <= 0:
+                    return
+                self._ended.wait(remaining)
