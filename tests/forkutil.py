@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
 import select
@@ -16,10 +17,14 @@ class ChildFailed(AssertionError):
     pass
 
 
-def start_child(fn: Callable[[], Any]) -> tuple[int, int]:
-    """Fork; the child runs `fn` and pipes back its pickled result. Returns (pid, fd)."""
+def start_child(fn: Callable[[], Any], raw: bool = False) -> tuple[int, int]:
+    """Fork; the child runs `fn` and pipes back its pickled result. Returns (pid, fd).
+
+    `raw`: fork with libc's fork(), as C code does: no register_at_fork callback runs.
+    """
     r, w = os.pipe()
-    pid = os.fork()
+    # PyDLL: the call keeps the GIL, as a C extension forking from Python code would.
+    pid = ctypes.PyDLL(None, use_errno=True).fork() if raw else os.fork()
     if pid == 0:  # child: never return into pytest
         try:
             os.close(r)
@@ -72,7 +77,7 @@ def finish_child(pid: int, fd: int, timeout: float = 30.0) -> Any:
     return value
 
 
-def in_child(fn: Callable[[], Any], timeout: float = 30.0) -> Any:
+def in_child(fn: Callable[[], Any], timeout: float = 30.0, raw: bool = False) -> Any:
     """Run `fn` in a forked child and return its result (or raise ChildFailed)."""
-    pid, fd = start_child(fn)
+    pid, fd = start_child(fn, raw)
     return finish_child(pid, fd, timeout)

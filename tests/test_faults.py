@@ -9,18 +9,23 @@ good, nothing may block under the pool's lock, and a stuck pool must unstick.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import random
 import signal
+import socket
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
+from forkutil import in_child
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from mppool import ConnectionPool, NullConnectionPool
+from mppool import ConnectionPool, NullConnectionPool, PoolTimeout, ThreadedConnectionPool
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
 
@@ -185,3 +190,271 @@ def test_interrupted_getconn_putconn_pairs(dsn: str, quiet_mppool_log: None) -> 
         assert_full_capacity(pool, 2)
     finally:
         pool.close()
+
+
+# -- callbacks that raise, slow or hung servers ---------------------------------------
+
+
+def test_background_opener_survives_a_base_exception(dsn: str, quiet_mppool_log: None) -> None:
+    """configure raising KeyboardInterrupt in the opener thread is a failed attempt, retried."""
+    calls: list[int] = []
+
+    def configure(conn: psycopg.Connection[Any]) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    with ConnectionPool(dsn, min_size=2, configure=configure, open=True) as pool:
+        pool.wait(timeout=10)
+        stats = pool.get_stats()
+        assert stats["connections_errors"] == 1
+        assert stats["pool_available"] == 2
+        assert len(calls) == 3
+
+
+def test_second_client_is_served_while_the_first_connects(dsn: str) -> None:
+    """An empty pool: the first client connects in its own thread; a second client
+    queued meanwhile gets a connection of its own opened in the background."""
+    hold_next = threading.Event()
+    first_connect = threading.Event()
+    release_first = threading.Event()
+
+    def conninfo() -> str:
+        if hold_next.is_set() and not first_connect.is_set():
+            first_connect.set()  # the first client's own connect: held until we say
+            assert release_first.wait(20)
+        return dsn
+
+    pool = ConnectionPool(conninfo, min_size=1, max_size=4, open=True)
+    first = threading.Thread(target=lambda: pool.putconn(pool.getconn(timeout=20)))
+    try:
+        pool.wait(10)
+        pool.disconnect(timeout=5)  # empty again, as after a fork
+        hold_next.set()
+        first.start()
+        assert first_connect.wait(10)
+        with pool.connection(timeout=5) as conn:  # while the first is still connecting
+            conn.execute("SELECT 1")
+        assert not release_first.is_set()
+    finally:
+        release_first.set()
+        if first.ident is not None:
+            first.join(20)
+        pool.close()
+
+
+def test_null_pool_check_failing_honours_the_timeout(make_pool: Any, pg: Any) -> None:
+    def check(conn: psycopg.Connection[Any]) -> None:
+        raise psycopg.OperationalError("never good")
+
+    pool = make_pool(NullConnectionPool, check=check)
+    outcome: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            pool.getconn(timeout=1.0)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    thread.join(15)  # a bound for the test, far above the 1 s asked
+    assert not thread.is_alive(), "getconn never gave up"
+    assert len(outcome) == 1 and isinstance(outcome[0], PoolTimeout), outcome
+    assert "check" in str(outcome[0])
+    pg.wait_count(0)  # every connection tried was closed
+
+
+@pytest.fixture
+def black_hole(app_name: str, dsn: str) -> Iterator[str]:
+    """A DSN to a 127.0.0.1 port that accepts TCP connections and never answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)  # the kernel completes handshakes; nobody reads or writes
+        params = conninfo_to_dict(dsn)
+        params["port"] = sock.getsockname()[1]
+        params.pop("connect_timeout", None)
+        yield make_conninfo(**params)
+
+
+def test_an_unresponsive_host_holds_one_attempt_for_a_bounded_time(
+    dsn: str, black_hole: str, quiet_mppool_log: None
+) -> None:
+    """The first background attempt goes to a host that never answers: it gives up after
+    a third of the pool's timeout (2 s here) instead of psycopg's 130 s, and meanwhile
+    the other attempts, in threads of their own, reach the good server."""
+    calls = itertools.count()
+
+    def conninfo() -> str:
+        return black_hole if next(calls) == 0 else dsn
+
+    pool = ConnectionPool(conninfo, min_size=2, timeout=6, open=False)
+    try:
+        pool.open(wait=True, timeout=8)
+        stats = pool.get_stats()
+        assert stats["connections_errors"] == 1, stats
+        assert "timeout" in (pool._acct.last_error or "") or stats["pool_available"] == 2
+    finally:
+        pool.close()
+
+
+# -- fork from C while another thread holds a lock --------------------------------------
+
+
+def test_raw_fork_while_another_thread_holds_the_locks(dsn: str) -> None:
+    """fork() from C runs no callback, so a lock another thread held is copied held:
+    every public path must check for the fork before it takes a lock.
+
+    (Another thread holds the pools' locks while blocked, GIL released. Forking from C
+    while other threads *run* Python code can hang the child inside CPython itself,
+    whatever the pool does: the child may wait forever to hand the GIL to a thread that
+    does not exist in it.)
+    """
+    pool = ConnectionPool(dsn, min_size=2, open=True)
+    null = NullConnectionPool(dsn, max_size=2, open=True)
+    legacy = ThreadedConnectionPool(1, 2, dsn)
+    pool.wait(10)
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with pool._lock, null._lock, legacy._lock:
+            held.set()
+            release.wait(30)
+
+    def child() -> int:
+        stats = pool.get_stats()
+        with pool.connection(timeout=5) as conn:
+            conn.execute("SELECT 1")
+        null.resize(0, 3)
+        null.wait(5)
+        legacy.putconn(legacy.getconn())
+        legacy.closeall()
+        pool.close()
+        return stats["pool_size"]
+
+    thread = threading.Thread(target=holder, daemon=True)
+    thread.start()
+    try:
+        assert held.wait(10)
+        assert in_child(child, timeout=20, raw=True) == 0
+    finally:
+        release.set()
+        thread.join(10)
+    with pool.connection(timeout=5) as conn:  # the parent's pools are untouched
+        conn.execute("SELECT 1")
+    assert pool.get_stats()["pool_size"] == 2
+    pool.close()
+    null.close()
+    legacy.closeall()
+
+
+# -- nothing blocking or calling user code under the lock --------------------------------
+
+
+def test_a_slow_close_does_not_stall_checkouts(dsn: str) -> None:
+    """Closing connections (here on a resize) happens outside the pool's lock."""
+    closing = threading.Event()
+    release = threading.Event()
+
+    class SlowClose(psycopg.Connection[Any]):
+        slow = False
+
+        def close(self) -> None:
+            if SlowClose.slow and not self.closed:
+                closing.set()
+                assert release.wait(20)
+            super().close()
+
+    pool = ConnectionPool(dsn, connection_class=SlowClose, min_size=3, open=True)
+    try:
+        pool.wait(10)
+        SlowClose.slow = True
+        resizer = threading.Thread(target=lambda: pool.resize(1, 1), daemon=True)
+        resizer.start()
+        assert closing.wait(10)
+        served = threading.Event()
+
+        def client() -> None:
+            with pool.connection(timeout=5) as conn:
+                conn.execute("SELECT 1")
+            pool.get_stats()
+            served.set()
+
+        threading.Thread(target=client, daemon=True).start()
+        assert served.wait(10), "a checkout waited for another thread's close"
+        assert not release.is_set()
+    finally:
+        release.set()
+        SlowClose.slow = False
+        resizer.join(20)
+        pool.close()
+
+
+def test_callbacks_and_log_handlers_may_use_the_pool(dsn: str) -> None:
+    """configure, check, reset and logging handlers run outside the lock: calling the
+    pool from them (a non-reentrant lock) does not deadlock."""
+    seen: list[str] = []
+    pools: list[ConnectionPool[Any]] = []
+
+    def callback(name: str) -> Any:
+        def cb(conn: psycopg.Connection[Any]) -> None:
+            pools[0].get_stats()
+            seen.append(name)
+
+        return cb
+
+    class StatsHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            pools[0].get_stats()
+            seen.append("log")
+
+    handler = StatsHandler(logging.INFO)
+    log = logging.getLogger("mppool")
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+    def scenario() -> None:
+        pool = ConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=2,
+            configure=callback("configure"),
+            check=callback("check"),
+            reset=callback("reset"),
+            open=False,
+        )
+        pools.append(pool)
+        pool.open(wait=True, timeout=10)
+        with pool.connection(timeout=5) as conn:
+            conn.execute("SELECT 1")
+        pool.resize(1, 1)  # logs at INFO
+        pool.close()
+
+    try:
+        thread = threading.Thread(target=scenario, daemon=True)
+        thread.start()
+        thread.join(30)
+        assert not thread.is_alive(), "deadlocked: a callback ran under the pool's lock"
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    assert {"configure", "check", "reset", "log"} <= set(seen), seen
+
+
+def test_worker_abort_in_a_signal_handler_that_interrupted_the_pool(dsn: str) -> None:
+    """gunicorn's worker_abort runs in a signal handler; if the code it interrupted holds
+    the pool's lock, closing must not wait for it (it would wait forever)."""
+    from mppool.hooks import gunicorn
+
+    def child() -> tuple[bool, bool]:
+        pool = ConnectionPool(dsn, min_size=1, open=True)
+        pool.wait(10)
+        signal.signal(signal.SIGUSR1, lambda *a: gunicorn.worker_abort(object()))
+        with pool._lock:  # what the signal interrupts: a checkout, say
+            signal.raise_signal(signal.SIGUSR1)
+            closed_in_handler = pool.closed
+        gunicorn.worker_abort(object())  # not interrupted: closes
+        return closed_in_handler, pool.closed
+
+    assert in_child(child, timeout=20) == (False, True)

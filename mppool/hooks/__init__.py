@@ -92,17 +92,25 @@ def disconnect_pools(settle: float = SETTLE_TIMEOUT) -> int:
     return done
 
 
-def close_pools() -> int:
-    """Close every managed pool, newest first; how many were closed."""
+def close_pools(timeout: float = 5.0) -> int:
+    """Close every managed pool, newest first; how many were closed.
+
+    `timeout` is each pool's ``close(timeout)``: how long to wait for its
+    background threads, and, in the main thread, at most how long to wait for
+    its lock. From a signal handler (gunicorn's ``worker_abort``), pass 0: a
+    pool whose lock is held, perhaps by the very code the signal interrupted,
+    is then left for the process's exit to close, rather than deadlocking.
+    """
     closed = 0
     for pool in reversed(managed_pools()):
         try:
             _own(pool)
             if getattr(pool, "closed", False):
                 continue
-            pool.close()
+            pool.close(timeout)
         except Exception:
             logger.exception("mppool: closing %r failed", pool)
         else:
-            closed += 1
+            if getattr(pool, "closed", True):
+                closed += 1
     return closed

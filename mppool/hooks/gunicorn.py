@@ -98,8 +98,13 @@ def post_worker_init(worker: Any) -> None:
 
 
 def worker_abort(worker: Any) -> None:
-    """Worker, aborted after a timeout (SIGABRT): close every managed pool."""
-    n = close_pools()
+    """Worker, aborted after a timeout (SIGABRT): close every managed pool.
+
+    gunicorn calls it from the SIGABRT handler, in the middle of whatever the
+    worker was doing: a pool whose lock that code holds is left to the
+    process's exit (which closes its sockets) instead of deadlocking.
+    """
+    n = close_pools(timeout=0)
     _log(worker, "mppool: worker %s aborted: closed %d pool(s)", os.getpid(), n)
 
 
