@@ -8,7 +8,7 @@ The API is psycopg_pool's (`ConnectionPool`, `NullConnectionPool`) and
 psycopg2.pool's, so adopting mppool is a change of import.
 """
 
-from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
+from .errors import PoolClosed, PoolError, PoolMisuse, PoolTimeout, TooManyRequests
 from .null_pool import NullConnectionPool
 from .pool import ConnectionPool
 from .psycopg2_pool import (
@@ -25,6 +25,7 @@ __all__ = [
     "PersistentConnectionPool",
     "PoolClosed",
     "PoolError",
+    "PoolMisuse",
     "PoolTimeout",
     "SimpleConnectionPool",
     "ThreadedConnectionPool",

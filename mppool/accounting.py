@@ -137,15 +137,23 @@ class Attempt:
 
     @property
     def disowned(self) -> bool:
-        """True once the pool stopped waiting for it (closed, disconnected)."""
+        """True once the pool stopped counting on it (closed, disconnected)."""
         ref = self.ref
-        return ref is None or ref.owner is None
+        return ref is None or ref.owner is None or ref.settling
 
 
 class AttemptRef(_Tracked):
-    """How the accounting counts an `Attempt` without keeping it alive."""
+    """How the accounting counts an `Attempt` without keeping it alive.
 
-    __slots__ = ()
+    ``settling``: disowned (close, disconnect) while under way; its connection,
+    if it makes one, is closed.
+    """
+
+    __slots__ = ("settling",)
+
+    def __init__(self, attempt: Attempt, owner: Accounting) -> None:
+        super().__init__(attempt, owner)
+        self.settling = False
 
 
 class WaiterRef(_Tracked):
@@ -218,7 +226,9 @@ class Accounting:
     def __init__(
         self, lender: Any, min_size: int, max_size: int, policy: Policy, max_lifetime: float
     ) -> None:
-        self.lender = lender  # what a lent connection's ``_pool`` points to
+        # What a lent connection's ``_pool`` points to, weakly: a connection its
+        # caller still holds after returning it must not keep the pool alive.
+        self._lender = weakref.ref(lender)
         self.min_size = min_size
         self.max_size = max_size  # 0: no limit (a null pool without max_size)
         self.policy = policy
@@ -306,6 +316,10 @@ class Accounting:
 
     # -- lending -------------------------------------------------------------
 
+    @property
+    def lender(self) -> Any:
+        return self._lender()
+
     def lend(self, conn: Any, now: float) -> Any:
         """Mark `conn` (a member, off the stack) as lent, and return it.
 
@@ -313,7 +327,7 @@ class Accounting:
         result): its identity stamps this lending.
         """
         conn._mppool.lent_at = now
-        conn._pool = self.lender
+        conn._pool = self._lender()
         return conn
 
     def take(self, now: float) -> Any:
@@ -322,7 +336,7 @@ class Accounting:
             return None
         conn = self.idle.pop()
         conn._mppool.lent_at = now
-        conn._pool = self.lender
+        conn._pool = self._lender()
         return conn
 
     def admit_inline(self, timeout: float) -> Attempt | None:
@@ -405,7 +419,7 @@ class Accounting:
                 waiters.popleft()
                 continue
             conn._mppool.lent_at = now
-            conn._pool = self.lender
+            conn._pool = self._lender()
             waiter.conn = conn  # from here on the waiter finds it, woken or not
             self.wait_time += now - ref.since
             waiters.popleft()
@@ -578,6 +592,7 @@ class Accounting:
         for member in self.members:  # all lent now
             member.expires = 0.0
         for ref in list(self.opening):
+            ref.settling = True
             self.settling[ref] = None
             del self.opening[ref]
         self.chores_at = 0.0

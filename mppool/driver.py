@@ -13,6 +13,7 @@ What the subclasses add is their API and how a connection is made
 
 from __future__ import annotations
 
+import _thread
 import logging
 import random
 import threading
@@ -35,9 +36,6 @@ JITTER = 0.1
 
 MAX_TICK = 0.25
 """Longest a waiter sleeps before looking around again (see `SyncDriver._wait`)."""
-
-LOCK_WAIT_IN_MAIN_THREAD = 0.5
-"""Longest `SyncDriver._acquire_lock` waits in the main thread (see there)."""
 
 
 class Waiter:
@@ -110,6 +108,8 @@ class SyncDriver(forking.ForkAware):
         if fx.start:
             self._opener.submit(fx.start)
             fx.start = []
+        elif self._opener.pending():  # a start an exception cut short: make up for it
+            self._opener.ensure()
         for conn in fx.close:
             close_quietly(conn)
         if fx.lost:
@@ -122,19 +122,6 @@ class SyncDriver(forking.ForkAware):
             )
         for level, msg, args in fx.logs:
             logger.log(level, msg, *args)
-
-    def _acquire_lock(self, timeout: float) -> bool:
-        """Take the lock, but never wait on it for long where a signal handler may run.
-
-        Signal handlers run in the main thread, between two bytecodes of
-        whatever it was doing: possibly inside this pool, with the lock held
-        by the very frame the signal interrupted. The lock is otherwise held
-        for microseconds, so waiting longer would only mean waiting forever.
-        """
-        if threading.current_thread() is not threading.main_thread():
-            return bool(self._lock.acquire())
-        wait = min(max(timeout, 0.0), LOCK_WAIT_IN_MAIN_THREAD)
-        return bool(self._lock.acquire(timeout=wait))
 
     # -- connecting ------------------------------------------------------------
 
@@ -283,33 +270,43 @@ class SyncDriver(forking.ForkAware):
 
     # -- life cycle ------------------------------------------------------------
 
-    def _close_driver(self, timeout: float, error: PoolClosed) -> bool:
-        """Close the accounting and stop the background work; False if already closed.
+    def _close_driver(self, timeout: float, error: PoolClosed) -> None:
+        """Close the accounting and stop the background work.
 
-        Safe in a signal handler: see `_acquire_lock`. If the lock cannot be
-        had, the connections are left for the process's exit to close.
+        With `timeout` 0, wait for nothing, not even the lock: a signal handler
+        (gunicorn's ``worker_abort``) runs in the middle of whatever the main
+        thread was doing, possibly inside this pool with the lock held, and
+        waiting for it there would be waiting forever. The pool is then closed
+        by a thread of its own as soon as the lock is free, if it is taken now.
+        (The lock is only ever taken by ``with``: an exception cannot land
+        between taking it and guarding its release.)
         """
-        if not self._acquire_lock(timeout):
-            logger.warning(
-                "pool %r: busy (its lock is held, possibly by the code a signal "
-                "interrupted): not closed; the process's exit will close its sockets",
-                self.name,
-            )
+        if timeout <= 0 and self._lock_maybe_mine():
+            _thread.start_new_thread(self._close_locked, (0.0, error))
+        else:
+            self._close_locked(timeout, error)
+
+    def _lock_maybe_mine(self) -> bool:
+        """True if the calling thread may hold the lock: the main thread (where signal
+        handlers run) finds it taken. Another thread holds it for microseconds only."""
+        if threading.current_thread() is not threading.main_thread():
             return False
+        lock: Any = self._lock
+        is_owned = getattr(lock, "_is_owned", None)  # an RLock knows its owner
+        return bool(is_owned()) if is_owned is not None else bool(lock.locked())
+
+    def _close_locked(self, timeout: float, error: PoolClosed) -> None:
         fx = Effects()
-        try:
+        with self._lock:
             acct = self._acct
             if acct.closed:
-                return False
+                return
             acct.close(fx, error)
             cancel, self._cancel = self._cancel, threading.Event()
             self._changed.notify_all()
-        finally:
-            self._lock.release()
         cancel.set()
         self._apply(fx)
         self._opener.join(timeout)
-        return True
 
     def _disconnect_driver(self, timeout: float) -> None:
         """Close every connection, stay open; wait up to `timeout` for attempts to settle."""

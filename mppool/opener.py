@@ -69,10 +69,10 @@ class Opener:
     def ensure(self) -> None:
         """Start threads for queued attempts, up to ``num_workers`` in all.
 
-        Idempotent: callers repeat it (a waiter's tick does) so that a thread
-        start that failed or was interrupted is made up for: a thread counted
-        but not running a second later (an exception landed in between) is
-        forgotten.
+        A thread is counted and started under the opener's lock, with no call
+        in between where an exception could land; should the start itself fail
+        (no more threads), callers repeat this (a waiter's tick does), and a
+        thread counted but not running a second later is forgotten.
         """
         while True:
             now = monotonic()
@@ -85,12 +85,7 @@ class Opener:
                     return
                 worker = _Worker(now)
                 workers[worker] = None
-            try:
                 _thread.start_new_thread(self._work, (worker,))
-            except BaseException:
-                with self._lock:
-                    self._workers.pop(worker, None)
-                raise
 
     def _work(self, worker: _Worker) -> None:
         worker.ident = _thread.get_ident()
@@ -109,6 +104,10 @@ class Opener:
             with self._lock:
                 self._workers.pop(worker, None)
                 self._ended.notify_all()
+
+    def pending(self) -> bool:
+        """True if attempts wait for a thread."""
+        return bool(self._tasks)
 
     def running(self) -> int:
         """How many threads are running or starting now."""

@@ -466,9 +466,7 @@ class ConnectionPool(SyncDriver, Generic[CT]):
             try:
                 self._check(conn)
             except Exception as exc:
-                logger.warning(
-                    "pool %r: check failed, discarding the connection: %s", self.name, exc
-                )
+                logger.info("pool %r: connection failed check, discarding it: %s", self.name, exc)
                 self._discard(conn, lost=True)
                 if monotonic() >= deadline:
                     raise PoolTimeout(
@@ -682,10 +680,12 @@ class ConnectionPool(SyncDriver, Generic[CT]):
         Opening an open pool does nothing, except that a pool emptied by
         `disconnect` or by a fork starts refilling now. A closed pool cannot be
         reopened.
+
+        As in psycopg_pool, calling it on a pool created with ``open=None`` (and
+        so opened already) does not spare the DeprecationWarning of its first
+        use: pass ``open=`` explicitly, or use the pool as a context manager.
         """
         self._guard()
-        self._warn_open = False
-        self._fast = self._check is None
         self._open()
         if wait:
             self.wait(timeout)
@@ -697,7 +697,7 @@ class ConnectionPool(SyncDriver, Generic[CT]):
                 acct = self._acct
                 if acct.closed and acct.opened:
                     raise PoolClosed(
-                        f"the pool {self.name!r} was closed and cannot be reopened: "
+                        f"the pool {self.name!r} was closed and cannot be reused (reopened): "
                         "create a new one"
                     )
                 acct.open(fx)
@@ -744,9 +744,10 @@ class ConnectionPool(SyncDriver, Generic[CT]):
         Clients waiting for a connection get `PoolClosed`. Waits up to
         `timeout` seconds for the background threads to stop.
 
-        Safe to call from a signal handler (gunicorn's ``worker_abort``): if
-        the pool's lock stays taken (by the very code the signal interrupted),
-        the connections are left for the process's exit to close.
+        From a signal handler (gunicorn's ``worker_abort``), pass
+        ``timeout=0``: nothing is waited for, not even the pool's lock, which
+        the code the signal interrupted may hold; the pool is then closed by a
+        thread of its own as soon as that code lets go of it.
         """
         self._guard()
         self._close_driver(timeout, PoolClosed(f"the pool {self.name!r} was closed while waiting"))
@@ -840,6 +841,8 @@ class ConnectionPool(SyncDriver, Generic[CT]):
         return stats
 
     def __enter__(self) -> ConnectionPool[CT]:
+        self._warn_open = False
+        self._fast = self._check is None
         self.open()
         return self
 

@@ -31,6 +31,7 @@ What changed, on purpose:
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import itertools
 import logging
@@ -668,17 +669,18 @@ class AbstractConnectionPool(SyncDriver):
     def close(self, timeout: float = 5.0) -> None:
         """`closeall` unless already closed; never raises for a closed pool.
 
-        Safe to call from a signal handler, as `ConnectionPool.close`.
+        With `timeout` 0 it waits for nothing, not even the lock, as
+        `ConnectionPool.close`: for signal handlers.
         """
         self._guard()
-        if not self._acquire_lock(timeout):
-            logger.warning("mppool: %r is busy: not closed; the process's exit will", self)
-            return
-        try:
-            with contextlib.suppress(PoolClosed):
-                self._closeall()
-        finally:
-            self._lock.release()
+        if timeout <= 0 and self._lock_maybe_mine():
+            _thread.start_new_thread(self._close_quietly, ())
+        else:
+            self._close_quietly()
+
+    def _close_quietly(self) -> None:
+        with contextlib.suppress(PoolClosed):
+            self._closeall()
 
     def __enter__(self: _P) -> _P:
         return self

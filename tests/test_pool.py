@@ -173,11 +173,14 @@ def test_open_none_warns_on_wait(make_pool: Any) -> None:
         pool.getconn()
 
 
-def test_explicit_open_after_open_none_does_not_warn(make_pool: Any) -> None:
+def test_explicit_open_after_open_none_still_warns(make_pool: Any) -> None:
+    """As psycopg_pool (its test_create_warning): only open= or a with block spare it."""
     pool = make_pool(min_size=1, open=None)
-    pool.open(wait=True, timeout=5)
+    pool.open()
+    with pytest.warns(DeprecationWarning, match="'open' parameter"):
+        pool.putconn(pool.getconn())
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error")  # once only
         pool.putconn(pool.getconn())
 
 

@@ -181,9 +181,9 @@ def test_getconn_on_a_closed_pool(dsn: str) -> None:
 def test_reopening_a_closed_pool_raises(dsn: str) -> None:
     pool = ConnectionPool(dsn, min_size=1, open=True)
     pool.close()
-    with pytest.raises(PoolClosed, match="cannot be reopened"):
+    with pytest.raises(PoolClosed, match="cannot be reused"):
         pool.open()
-    with pytest.raises(PoolClosed, match="cannot be reopened"):
+    with pytest.raises(PoolClosed, match="cannot be reused"):
         with pool:
             pass
     assert pool.closed
