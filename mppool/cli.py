@@ -1,9 +1,12 @@
 """The ``mppool`` command (also ``python -m mppool``).
 
 - ``mppool demo``: gunicorn and celery workers on one pool created before the
-  fork, a table of who used which backend, and a verdict (exit 0 when clean);
-- ``mppool doctor --dsn DSN``: whether N processes x M connections fit on a
-  server (exit 0 fits, 1 does not, 2 cannot connect).
+  fork, a table of who used which backend, and a verdict;
+- ``mppool doctor``: whether N processes x M connections fit on a server.
+
+Both take the server from ``--dsn``, else ``MPPOOL_DSN``, else libpq's
+environment (`mppool.dsn`); the exit statuses are one table for every
+subcommand (`mppool.exitstatus`, docs/cli.md).
 """
 
 from __future__ import annotations
@@ -11,7 +14,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__
+from . import __version__, exitstatus
+from .dsn import ENV_DSN, DsnChoice, argv_password_warning, choose_dsn
+
+EXIT_STATUSES = (
+    "exit statuses, the same for every command: 0 done, nothing wrong; 1 a problem found "
+    "(demo: PROBLEMS FOUND, doctor: does not fit); 2 a command-line mistake or a missing "
+    "optional dependency; 3 no connection (unreachable, login refused, invalid DSN); "
+    "4 the demo's own servers failed; 130 / 143 interrupted by Ctrl-C / SIGTERM."
+)
+DSN_HELP = (
+    f"the server, as a conninfo string or URI; without it, {ENV_DSN}, else libpq's "
+    "environment (PGHOST, PGSERVICE, ...). Keep the password out of it: anyone on this "
+    "host can read command lines; use PGPASSWORD, ~/.pgpass, a service file or "
+    f"{ENV_DSN}"
+)
 
 __all__ = ["main"]
 
@@ -31,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .doctor import DEFAULT_MAX_SIZE, default_workers
 
     parser = argparse.ArgumentParser(
-        prog="mppool", description="mppool: a fork-aware PostgreSQL connection pool."
+        prog="mppool",
+        description="mppool: a fork-aware PostgreSQL connection pool.",
+        epilog=EXIT_STATUSES,
     )
     parser.add_argument("--version", action="version", version=f"mppool {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -41,21 +60,28 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="gunicorn and celery workers sharing a pool made before the fork, and a verdict",
         description=(
-            "Start a throwaway PostgreSQL server (or use --dsn), serve a WSGI app with "
-            "gunicorn (--preload, the pool created in the master) under concurrent "
+            "Start a throwaway PostgreSQL server (or use --dsn or MPPOOL_DSN), serve a WSGI "
+            "app with gunicorn (--preload, the pool created in the master) under concurrent "
             "requests, run celery prefork tasks, then print which process used which "
-            "backend and a verdict. Exit status 0 for a clean verdict, 1 otherwise; "
-            "Ctrl-C or SIGTERM stops everything it started, then ends it by that signal. "
-            "With --dsn, the demo creates a table mppool_demo_<random> there and drops "
-            "it at the end."
+            "backend and a verdict. Ctrl-C or SIGTERM stops everything it started, then "
+            "ends it by that signal. On a server of yours, the demo creates a table "
+            "mppool_demo_<random> there and drops it at the end. Needs the demo extra: "
+            'pip install "mppool[demo]".'
         ),
+        epilog=EXIT_STATUSES,
     )
-    demo.add_argument("--dsn", help="use this server instead of starting a throwaway one")
+    demo.add_argument(
+        "--dsn",
+        help=f"use this server instead of a throwaway one ({ENV_DSN} does the same "
+        "without showing the password in ps)",
+    )
     demo.add_argument(
         "--unsafe",
         action="store_true",
         help="then run the gunicorn part with psycopg_pool shared across the fork, no hooks, "
-        "to show the errors that causes (needs psycopg_pool)",
+        "to show the errors that causes (needs psycopg_pool; the TLS errors show only "
+        "on a server with TLS, as the throwaway one has where PostgreSQL was built with "
+        "OpenSSL)",
     )
     demo.add_argument(
         "--requests",
@@ -94,11 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Read the server's max_connections, reserved connections and current usage, "
             "and say whether --workers processes with pools of --max-size fit, with a "
-            "suggested max_size. Exit status 0 when it fits, 1 when it does not, 2 when "
-            "the server cannot be reached or refuses the login."
+            "suggested max_size."
         ),
+        epilog=EXIT_STATUSES,
     )
-    doctor.add_argument("--dsn", required=True, help="the server, as a conninfo string or URI")
+    doctor.add_argument("--dsn", help=DSN_HELP)
     doctor.add_argument(
         "--workers",
         type=_positive,
@@ -123,14 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``mppool`` command; its exit status."""
+    """Run the ``mppool`` command; its exit status (`mppool.exitstatus`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo.runner import Options, exit_by_signal, run
 
+        choice = choose_dsn(args.dsn, libpq_fallback=False)
+        _warn_password(choice, "mppool demo")
         opts = Options(
-            dsn=args.dsn,
+            dsn=choice.dsn,
+            dsn_source=choice.source,
             requests=args.requests,
             tasks=args.tasks,
             workers=args.workers,
@@ -144,6 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         from . import doctor
 
-        return doctor.run(args.dsn, args.workers, args.max_size, timeout=args.timeout)
+        choice = choose_dsn(args.dsn)
+        _warn_password(choice, "mppool doctor")
+        return doctor.run(choice, args.workers, args.max_size, timeout=args.timeout)
     parser.print_help(sys.stderr)
-    return 2
+    return exitstatus.USAGE
+
+
+def _warn_password(choice: DsnChoice, prog: str) -> None:
+    warning = argv_password_warning(choice, prog)
+    if warning:
+        print(warning, file=sys.stderr)

@@ -9,21 +9,23 @@ reserved_connections`` slots are free, so what the application can use is::
     available = max_connections - superuser_reserved - reserved - in use by others
 
 `size` is that arithmetic, pure; `read_capacity` asks the server; `run` does
-both and prints the answer. Exit statuses: 0 it fits, 1 it does not, 2 the
-server cannot be reached or refuses the login.
+both and prints the answer. Exit statuses (`mppool.exitstatus`): 0 it fits,
+1 it does not, 3 no connection (the server cannot be reached, refuses the
+login, or the DSN is invalid).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 import psycopg
 
-from .redact import MASK, password_of, redact, safe_conninfo
+from . import exitstatus
+from .dsn import ConnectionProblem, DsnChoice, classify_error, describe_error, scrub
+from .redact import safe_conninfo
 
 __all__ = [
     "FITS",
@@ -40,9 +42,9 @@ __all__ = [
     "size",
 ]
 
-FITS = 0
-TOO_BIG = 1
-NO_CONNECTION = 2
+FITS = exitstatus.OK
+TOO_BIG = exitstatus.PROBLEM
+NO_CONNECTION = exitstatus.NO_CONNECTION
 
 DEFAULT_MAX_SIZE = 4
 """What ``ConnectionPool()`` gets with no size given: min_size 4, max_size = min_size."""
@@ -194,69 +196,21 @@ def read_capacity(conn: psycopg.Connection[Any]) -> Capacity:
     )
 
 
-class ConnectionProblem(Exception):
-    """The server could not be reached, or refused the login; the message says which."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind  # "unreachable", "refused" or "invalid"
-
-
-_REFUSED = (
-    "authentication failed",  # password, ident, peer, ...
-    "no pg_hba.conf entry",
-    "no password supplied",  # libpq's own, when the server asks for one
-)
-
-
-def classify_error(exc: BaseException) -> str:
-    """``"refused"`` when the server answered and turned the login down, else ``"unreachable"``.
-
-    libpq reports no SQLSTATE for a failed connection: a ``FATAL:`` in the
-    message means the server itself answered (and refused); anything else
-    (connection refused, timeout, unknown host, TLS negotiation) did not get
-    that far.
-    """
-    text = str(exc)
-    sqlstate = getattr(exc, "sqlstate", None)
-    if sqlstate in ("28P01", "28000", "3D000", "53300", "42501"):
-        return "refused"
-    if "FATAL:" in text or any(marker in text for marker in _REFUSED):
-        return "refused"
-    return "unreachable"
-
-
-def _scrub(text: str, dsn: str) -> str:
-    """`text` without the password `dsn` carries, even when `dsn` does not parse."""
-    text = redact(text, password_of(dsn))
-    text = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", rf"\g<1>{MASK}", text)
-    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", rf"\g<1>{MASK}@", text)
-
-
-def connect(dsn: str, timeout: float) -> psycopg.Connection[Any]:
+def connect(choice: DsnChoice, timeout: float) -> psycopg.Connection[Any]:
     """An autocommit connection for the checks, or `ConnectionProblem` (password-free)."""
     try:
         return psycopg.connect(
-            dsn,
+            choice.dsn or "",
             autocommit=True,
             connect_timeout=max(1, round(timeout)),
             application_name="mppool-doctor",
         )
-    except psycopg.OperationalError as exc:
-        kind = classify_error(exc)
-        detail = _scrub(str(exc).strip(), dsn)
-        if kind == "refused":
-            head = "the server refused the login"
-        else:
-            head = "cannot reach the server"
-        raise ConnectionProblem(kind, f"{head}: {detail}") from None
-    except psycopg.ProgrammingError as exc:  # an unparsable DSN
-        msg = f"invalid DSN: {_scrub(str(exc).strip(), dsn)}"
-        raise ConnectionProblem("invalid", msg) from None
+    except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:
+        raise describe_error(exc, choice) from None
 
 
 def run(
-    dsn: str,
+    dsn: str | DsnChoice,
     workers: int,
     max_size: int,
     *,
@@ -264,21 +218,28 @@ def run(
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
-    """``mppool doctor``: print the report; 0 fits, 1 does not, 2 no connection."""
+    """``mppool doctor``: print the report; 0 fits, 1 does not, 3 no connection.
+
+    `dsn` is a `DsnChoice` (see `mppool.dsn.choose_dsn`), or a DSN string as
+    if given with ``--dsn``.
+    """
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
+    choice = dsn if isinstance(dsn, DsnChoice) else DsnChoice(dsn, "--dsn")
+    secret_source = choice.dsn or ""
     try:
-        conn = connect(dsn, timeout)
+        conn = connect(choice, timeout)
     except ConnectionProblem as exc:
         print(f"mppool doctor: {exc}", file=err)
         return NO_CONNECTION
     try:
         with conn:
             capacity = read_capacity(conn)
+            where = safe_conninfo(choice.dsn) if choice.dsn else conn.info.dsn
     except psycopg.Error as exc:
-        print(f"mppool doctor: lost the server: {_scrub(str(exc), dsn)}", file=err)
+        print(f"mppool doctor: lost the server: {scrub(str(exc), secret_source)}", file=err)
         return NO_CONNECTION
     sizing = size(capacity, workers, max_size)
-    print(f"PostgreSQL {capacity.version} at {safe_conninfo(dsn)}", file=out)
+    print(f"PostgreSQL {capacity.version} at {where} (DSN from {choice.source})", file=out)
     print(format_report(capacity, sizing), file=out)
     return FITS if sizing.fits else TOO_BIG

@@ -42,7 +42,7 @@ def test_demo_knobs() -> None:
     [
         ["demo", "--requests", "0"],
         ["demo", "--workers", "many"],
-        ["doctor"],  # --dsn is required
+        ["doctor", "--workers", "0"],
         ["doctor", "--dsn", "host=x", "--max-size", "-1"],
     ],
 )

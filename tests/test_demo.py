@@ -169,10 +169,56 @@ def test_unsafe_says_when_psycopg_pool_is_missing(monkeypatch: pytest.MonkeyPatc
 
 def test_demo_with_a_wrong_password(capsys: pytest.CaptureFixture[str], dsn: str) -> None:
     wrong = "wrong-" + secrets.token_hex(6)
-    assert main(["demo", "--dsn", make_conninfo(dsn, password=wrong)]) == 1
+    assert main(["demo", "--dsn", make_conninfo(dsn, password=wrong)]) == 3
     out, err = capsys.readouterr()
-    assert "password authentication failed" in err
+    assert "the server refused the login (DSN from --dsn)" in err
+    assert err.count("password authentication failed") == 1, err
     assert wrong not in out + err
+
+
+def test_demo_with_an_invalid_dsn(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--dsn", "postgresql://u:s3cr3t-x@127.0.0.1:notaport/db"]) == 3
+    out, err = capsys.readouterr()
+    assert (
+        "invalid connection settings (DSN from --dsn): connection is bad: invalid integer" in err
+    )
+    assert "s3cr3t-x" not in out + err
+
+
+@pytest.mark.parametrize("missing", ["gunicorn", "celery"])
+def test_demo_without_the_demo_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], missing: str
+) -> None:
+    """Says what to install, and starts nothing (CI also runs it where they are really
+    missing: a venv with the bare wheel)."""
+    real = runner.importlib.util.find_spec
+    monkeypatch.setattr(
+        runner.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == missing else real(name, *a),
+    )
+
+    def no_server(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the demo started a server before checking its extra")
+
+    monkeypatch.setattr(runner.testserver, "start_server", no_server)
+    monkeypatch.delenv("MPPOOL_DSN", raising=False)
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert f"mppool demo: needs {missing}, which the demo extra installs" in err
+    assert 'pip install "mppool[demo]"' in err
+
+
+def test_demo_server_failure_is_status_4(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise runner.testserver.ServerUnavailable("no PostgreSQL server binaries found: ...")
+
+    monkeypatch.setattr(runner.testserver, "start_server", unavailable)
+    monkeypatch.delenv("MPPOOL_DSN", raising=False)
+    assert main(["demo"]) == 4
+    assert "no PostgreSQL server binaries found" in capsys.readouterr().err
 
 
 # -- the progress bar -----------------------------------------------------------------

@@ -15,6 +15,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from mppool import doctor
 from mppool.cli import main
 from mppool.doctor import Capacity, size
+from mppool.dsn import scrub
 
 # -- the arithmetic ------------------------------------------------------------
 
@@ -106,10 +107,19 @@ def test_report_when_even_one_each_is_too_many() -> None:
         ("connection to server at \"h\", port 5432 failed: timeout expired", "unreachable"),
         ("connection to server at \"h\", port 5432 failed: fe_sendauth: no password supplied",
          "refused"),
+        ('connection is bad: invalid integer value "notaport" for connection option "port"',
+         "invalid"),
+        ('connection is bad: definition of service "nosuch" not found', "invalid"),
     ],
 )  # fmt: skip
 def test_classify_error(message: str, kind: str) -> None:
     assert doctor.classify_error(psycopg.OperationalError(message)) == kind
+
+
+def test_a_dsn_psycopg_cannot_parse_is_invalid() -> None:
+    assert doctor.classify_error(psycopg.ProgrammingError('invalid connection option "x"')) == (
+        "invalid"
+    )
 
 
 @pytest.mark.parametrize(
@@ -121,7 +131,7 @@ def test_classify_error(message: str, kind: str) -> None:
     ],
 )
 def test_scrub_masks_the_password(dsn: str) -> None:
-    assert "s3cr3t-pw" not in doctor._scrub(f"something about {dsn}", dsn)
+    assert "s3cr3t-pw" not in scrub(f"something about {dsn}", dsn)
 
 
 # -- against the real server ------------------------------------------------------
@@ -195,9 +205,10 @@ def test_doctor_wrong_password(capsys: pytest.CaptureFixture[str], dsn: str) -> 
     wrong = "not-the-" + secrets.token_hex(8)
     bad = make_conninfo(dsn, password=wrong)
     rc, out, err = run_doctor(capsys, "--dsn", bad)
-    assert rc == 2
+    assert rc == 3
     assert "refused the login" in err
-    assert "password authentication failed" in err
+    # libpq says it twice when it retries without TLS (sslmode=prefer): shown once
+    assert err.count("password authentication failed") == 1, err
     assert wrong not in out + err
     assert conninfo_to_dict(dsn)["password"] not in out + err
 
@@ -214,15 +225,25 @@ def test_doctor_unreachable(capsys: pytest.CaptureFixture[str], dsn: str) -> Non
     rc, out, err = run_doctor(
         capsys, "--dsn", f"postgresql://u:{secret}@127.0.0.1:{port}/db", "--timeout", "5"
     )
-    assert rc == 2
+    assert rc == 3
     assert "cannot reach the server" in err
     assert secret not in out + err
 
 
-def test_doctor_invalid_dsn(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = run_doctor(capsys, "--dsn", "host=127.0.0.1 password=s3cr3t-x junk")
-    assert rc == 2
-    assert "invalid DSN" in err
+@pytest.mark.parametrize(
+    ("dsn", "says"),
+    [
+        ("host=127.0.0.1 password=s3cr3t-x junk", 'missing "=" after "junk"'),
+        ("postgresql://u:s3cr3t-x@127.0.0.1:notaport/db", 'invalid integer value "notaport"'),
+        ("host=127.0.0.1 password=s3cr3t-x sslmode=sometimes", "invalid sslmode value"),
+    ],
+)
+def test_doctor_invalid_dsn(capsys: pytest.CaptureFixture[str], dsn: str, says: str) -> None:
+    rc, out, err = run_doctor(capsys, "--dsn", dsn)
+    assert rc == 3
+    assert "invalid connection settings" in err
+    assert "cannot reach" not in err
+    assert says in err
     assert "s3cr3t-x" not in out + err
 
 
@@ -235,5 +256,5 @@ def test_python_m_mppool_doctor(dsn: str) -> None:
         text=True,
         timeout=60,
     )
-    assert done.returncode == 2
+    assert done.returncode == 3
     assert "refused the login" in done.stderr

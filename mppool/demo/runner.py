@@ -37,8 +37,9 @@ from psycopg.conninfo import make_conninfo
 
 import mppool
 
-from .. import testserver
-from ..redact import password_of, redact, safe_conninfo
+from .. import exitstatus, testserver
+from ..dsn import DsnChoice, describe_error
+from ..redact import password_of, redact
 from . import ENV_DIR, ENV_DSN, ENV_POOL, ENV_TABLE
 from .broker import TASK_NAME, make_app
 from .load import LoadResult, Progress, get_json, run_load
@@ -71,9 +72,16 @@ BOOTED = re.compile(r"Booting worker with pid: (\d+)")
 LISTENING = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+)")
 
 
+NEEDS = ("gunicorn", "celery")
+"""What the demo runs, which the ``demo`` extra installs."""
+
+
 @dataclass
 class Options:
     dsn: str | None = None
+    """None: start a throwaway server."""
+    dsn_source: str = "--dsn"
+    """Where `dsn` came from, for messages (see `mppool.dsn.choose_dsn`)."""
     requests: int = 3000
     tasks: int = 300
     workers: int = 4
@@ -114,13 +122,23 @@ class _Interrupts:
 
 
 def run(opts: Options, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Run the demo; 0 for a clean verdict on mppool's run, 1 otherwise.
+    """Run the demo; its exit status (`mppool.exitstatus`).
 
-    Interrupted (Ctrl-C, SIGTERM), it stops everything it started and returns
-    128 + the signal number (130, 143): see `exit_by_signal`.
+    0 for a clean verdict on mppool's run, 1 for problems found, 2 when the
+    demo extra is missing, 3 when the server given cannot be connected to, 4
+    when a server the demo starts fails. Interrupted (Ctrl-C, SIGTERM), it
+    stops everything it started and returns 128 + the signal number (130,
+    143): see `exit_by_signal`.
     """
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
+    missing = [name for name in NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        err.write(
+            f"mppool demo: needs {' and '.join(missing)}, which the demo extra installs: "
+            'pip install "mppool[demo]"\n'
+        )
+        return exitstatus.USAGE
     secret = password_of(opts.dsn) if opts.dsn else None
     with _Interrupts(err) as interrupts:
         try:
@@ -128,9 +146,19 @@ def run(opts: Options, out: TextIO | None = None, err: TextIO | None = None) -> 
         except KeyboardInterrupt:
             err.write("\nmppool demo: interrupted; everything it started is stopped\n")
             return 128 + interrupts.signum
-        except (DemoError, testserver.ServerUnavailable, psycopg.Error) as exc:
+        except _NoConnection as exc:
+            err.write(f"mppool demo: {exc}\n")
+            return exitstatus.NO_CONNECTION
+        except psycopg.Error as exc:  # the server went away during the run
+            err.write(f"mppool demo: lost the server: {redact(str(exc), secret)}\n")
+            return exitstatus.NO_CONNECTION
+        except (DemoError, testserver.ServerUnavailable) as exc:
             err.write(f"mppool demo: {redact(str(exc), secret)}\n")
-            return 1
+            return exitstatus.FAILED
+
+
+class _NoConnection(Exception):
+    """The demo's first connection failed; the message says why, without the password."""
 
 
 def exit_by_signal(status: int) -> None:
@@ -170,12 +198,16 @@ class _Demo:
                 stack.enter_context(tempfile.TemporaryDirectory(prefix="mppool-demo-"))
             )
             self.base_dsn, source = self._server()
-            self.admin = self._admin_connect()
+            try:
+                self.admin = self._admin_connect()
+            except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:
+                choice = DsnChoice(self.base_dsn, self.opts.dsn_source)
+                raise _NoConnection(describe_error(exc, choice)) from None
             stack.callback(self.admin.close)
             version, tls = self._describe()
             tls_text = "on" if tls else "off: the unsafe run cannot show TLS errors"
             self.say(f"PostgreSQL {version} ({source}), TLS {tls_text}")
-            self.say(f"  {safe_conninfo(self.base_dsn)}")
+            self.say(f"  {self.admin.info.dsn}")
 
             app_name = f"mppool-demo-{self.token}"
             dsn = make_conninfo(self.base_dsn, application_name=app_name)
@@ -200,14 +232,14 @@ class _Demo:
             self.say(verdict.render())
             if self.opts.unsafe:
                 self._unsafe(verdict, load)
-            return 0 if verdict.ok else 1
+            return exitstatus.OK if verdict.ok else exitstatus.PROBLEM
         raise AssertionError("unreachable")  # for mypy: ExitStack may swallow exceptions
 
     # -- the PostgreSQL server ---------------------------------------------------
 
     def _server(self) -> tuple[str, str]:
-        if self.opts.dsn:
-            return self.opts.dsn, "from --dsn"
+        if self.opts.dsn is not None:
+            return self.opts.dsn, f"from {self.opts.dsn_source}"
         self.err.write("starting a throwaway PostgreSQL server...\n")
         server = testserver.start_server()
         self.stack.callback(server.stop)
