@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import re
 import shutil
 import signal
 import socket
@@ -170,6 +171,19 @@ def test_prefork_recycling(pg: Any, tls_dsn: str, tmp_path: Path, table: str, op
     if clean is not None:
         assert abandoned(pg) == clean, "a child left its session without goodbye"
     assert_no_password(tls_dsn, log)
+    # What docs/celery.md says the log shows, with open=False as with open=True.
+    text = log.read_text()
+    assert re.search(
+        r"INFO/MainProcess\] mppool: prefork pool: the main process disconnected 1 pool\(s\)",
+        text,
+    ), text
+    opened = re.findall(
+        r"INFO/ForkPoolWorker-\d+\] mppool: celery child (\d+) opened 1 pool", text
+    )
+    closed = re.findall(r"mppool: celery child (\d+) exiting: closed 1 pool\(s\)", text)
+    assert {int(pid) for pid in opened} >= pids
+    assert len(closed) >= len(pids)
+    assert "mppool: worker shutting down: closed" in text
 
 
 @pytest.mark.slow
@@ -202,7 +216,9 @@ def test_in_process_pools(pg: Any, tls_dsn: str, tmp_path: Path, table: str, poo
     wait_until(lambda: not tagged(pg, tag), 20, "no backend after the warm shutdown")
     if clean is not None:
         assert abandoned(pg) == clean
-    assert "mppool: worker shutting down: closed 1 pool(s)" in log.read_text()
+    text = log.read_text()
+    assert "mppool: the tasks run in the main process: opened 1 pool(s), filling them" in text
+    assert "mppool: worker shutting down: closed 1 pool(s)" in text
     assert_no_password(tls_dsn, log)
 
 

@@ -23,11 +23,17 @@ What happens then, by worker pool:
 ``worker_shutdown`` closes the main process's pools whatever the pool. Set
 ``pool.managed = False`` to keep a pool out of all this. gevent and eventlet
 are not covered (an async pool comes later).
+
+Each step is logged at INFO on the ``mppool.hooks`` logger, which celery's log
+shows with ``--loglevel INFO``: what ``worker_init`` did is logged once the
+worker is ready (celery sets up its logging after ``worker_init``), and each
+child logs the pools it opened and closed.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from . import close_pools, disconnect_pools, logger, open_pools
@@ -37,6 +43,8 @@ __all__ = ["install"]
 _UID = "mppool.hooks.celery"
 
 _app: Any = None
+_init_report: str | None = None
+"""What ``worker_init`` did, logged at ``worker_ready``, when celery's log is set up."""
 
 
 def install(app: Any = None) -> None:
@@ -56,6 +64,7 @@ def install(app: Any = None) -> None:
         "worker_before_create_process": _on_before_create_process,
         "worker_process_init": _on_worker_process_init,
         "worker_process_shutdown": _on_worker_process_shutdown,
+        "worker_ready": _on_worker_ready,
         "worker_shutdown": _on_worker_shutdown,
     }
     for name, receiver in receivers.items():
@@ -90,10 +99,14 @@ def pool_kind(worker: Any) -> str:
 
 
 def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
+    global _init_report
     kind = pool_kind(sender)
     if kind == "prefork":
         n = disconnect_pools()
-        logger.info("mppool: prefork pool: the main process disconnected %d pool(s)", n)
+        _init_report = (
+            f"mppool: prefork pool: the main process disconnected {n} pool(s) before "
+            "starting the children; each child opens its own"
+        )
         return
     if kind == "green":
         logger.warning(
@@ -101,7 +114,14 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
             "opening the pools as for the threads pool"
         )
     n = open_pools()
-    logger.info("mppool: %s pool: opening %d pool(s) in the worker", kind, n)
+    _init_report = f"mppool: the tasks run in the main process: opened {n} pool(s), filling them"
+
+
+def _on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
+    global _init_report
+    if _init_report is not None:
+        logger.info("%s", _init_report)
+        _init_report = None
 
 
 def _on_before_create_process(sender: Any = None, **kwargs: Any) -> None:
@@ -110,14 +130,15 @@ def _on_before_create_process(sender: Any = None, **kwargs: Any) -> None:
 
 def _on_worker_process_init(sender: Any = None, **kwargs: Any) -> None:
     # Never block here: AsynPool kills a child that is not up within 4 s.
-    open_pools()
+    n = open_pools()
+    logger.info("mppool: celery child %d opened %d pool(s), filling them", os.getpid(), n)
 
 
 def _on_worker_process_shutdown(sender: Any = None, **kwargs: Any) -> None:
-    close_pools()
+    n = close_pools()
+    logger.info("mppool: celery child %d exiting: closed %d pool(s)", os.getpid(), n)
 
 
 def _on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
     n = close_pools()
-    if n:
-        logger.info("mppool: worker shutting down: closed %d pool(s)", n)
+    logger.info("mppool: worker shutting down: closed %d pool(s)", n)
