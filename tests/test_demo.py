@@ -31,6 +31,7 @@ from mppool.demo.verdict import (
     WORKER,
     Observations,
     ProcessReport,
+    format_notes,
     format_stats,
     format_table,
     judge,
@@ -142,6 +143,14 @@ def test_format_table_orders_by_role_then_pid() -> None:
     assert roles == [MASTER, WORKER, WORKER, WORKER, CELERY_MAIN, CELERY_CHILD]
     assert lines[2].split()[:4] == ["100", "master", "900,901", "0"]
     assert lines[3].split() == ["99", "worker", "-", "0", "-"]
+
+
+def test_notes_say_what_the_backends_are_and_why_some_show_none() -> None:
+    procs = [*clean_processes(), ProcessReport(99, WORKER, set(), 0, None)]
+    lines = format_notes(procs).splitlines()
+    assert lines[0].startswith("backends: every session the process's pool opened")
+    assert lines[1].startswith("-: 99 reported nothing")
+    assert "reported nothing" not in format_notes(clean_processes())
 
 
 def test_error_kinds_blur_pids_and_addresses() -> None:
@@ -347,6 +356,12 @@ def test_demo_end_to_end(tls_dsn: str, pg: Any) -> None:
     assert "gunicorn -c python:mppool.hooks.gunicorn --preload -w 4" in out
     for role in ("master", "worker", "celery main", "celery child"):
         assert re.search(rf"^\s*\d+\s+{role}\s", out, re.M), role
+    # Every backend a process opened is listed: as many as its pool's stats say it
+    # opened (a pool that opened more than 4 would show "+N" instead).
+    rows = re.findall(r"^\s*\d+\s+(?:worker|celery child)\s+(\S+)\s.*opened=(\d+)", out, re.M)
+    assert rows
+    for backends, opened in rows:
+        assert len(backends.split(",")) >= min(int(opened), 4), (backends, opened)
     assert "TLS on" in out
     password = re.search(r"password=(\S+)", tls_dsn)
     assert password and password.group(1) not in out + done.stderr

@@ -52,6 +52,7 @@ from .verdict import (
     Observations,
     ProcessReport,
     Verdict,
+    format_notes,
     format_table,
     judge,
 )
@@ -228,6 +229,7 @@ class _Demo:
             self.say("")
             self.say(f"mppool, {time.monotonic() - started:.1f} s, one line per process:")
             self.say(format_table(obs.processes))
+            self.say(format_notes(obs.processes))
             self.say("")
             self.say(verdict.render())
             if self.opts.unsafe:
@@ -364,6 +366,7 @@ class _Demo:
             rep = reports.setdefault(body["pid"], ProcessReport(body["pid"], WORKER))
             if "backend" in body:
                 rep.backends.add((body["backend"][0], body["backend"][1]))
+            rep.backends |= {(b[0], b[1]) for b in body.get("opened", [])}
             rep.served = max(rep.served, body.get("served", 0))
             rep.stats = body.get("pool", rep.stats)
         return list(reports.values())
@@ -375,7 +378,7 @@ class _Demo:
         self.admin.execute(
             sql.SQL(
                 "CREATE TABLE {} (id bigserial, task int, role text, pid int, backend int,"
-                " backend_start text, stats jsonb)"
+                " backend_start text, stats jsonb, opened jsonb)"
             ).format(ident)
         )
         self.stack.callback(self._drop, ident)
@@ -417,14 +420,15 @@ class _Demo:
         )
         server.stop(15)
         rows = self.admin.execute(
-            sql.SQL("SELECT role, pid, backend, backend_start, stats FROM {} ORDER BY id").format(
-                ident
-            )
+            sql.SQL(
+                "SELECT role, pid, backend, backend_start, stats, opened FROM {} ORDER BY id"
+            ).format(ident)
         ).fetchall()
         reports: dict[int, ProcessReport] = {server.pid: ProcessReport(server.pid, CELERY_MAIN)}
-        for role, pid, backend, start, stats in rows:
+        for role, pid, backend, start, stats, opened in rows:
             rep = reports.setdefault(pid, ProcessReport(pid, role))
             rep.backends.add((backend, start))
+            rep.backends |= {(b[0], b[1]) for b in opened or []}
             rep.stats = stats
             if role == CELERY_CHILD:
                 rep.served += 1
@@ -460,6 +464,7 @@ class _Demo:
         )
         uverdict = judge(obs)
         self.say(format_table(procs))
+        self.say(format_notes(procs))
         self.say("")
         for line in _unsafe_summary(uverdict, uload, log_errors, left):
             self.say(line)

@@ -18,7 +18,9 @@ import atexit
 import json
 import os
 from pathlib import Path
+from typing import Any
 
+import psycopg
 from psycopg import sql
 
 from mppool import ConnectionPool
@@ -36,11 +38,26 @@ except KeyError as exc:
 app = make_app(DATA_DIR)
 install(app)  # mppool's celery hooks
 
-pool = ConnectionPool(DSN, min_size=1, max_size=2, open=True, name="tasks")
+_WHOAMI = "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+_opened: dict[int, list[list[Any]]] = {}
+"""Per process (a child inherits the main process's entries): [pid, backend_start]
+of every connection its pool opened."""
+
+
+def record_opened(conn: psycopg.Connection[Any]) -> None:
+    """The pool's ``configure`` callback: note which backend a new connection is."""
+    row = conn.execute(_WHOAMI).fetchone()
+    _opened.setdefault(os.getpid(), []).append(list(row or ()))
+    conn.rollback()  # leave it idle, as a configure callback must
+
+
+pool = ConnectionPool(
+    DSN, min_size=1, max_size=2, open=True, name="tasks", configure=record_opened
+)
 
 _INSERT = sql.SQL(
-    "INSERT INTO {} (task, role, pid, backend, backend_start, stats)"
-    " SELECT %s, %s, %s, pid, backend_start::text, %s"
+    "INSERT INTO {} (task, role, pid, backend, backend_start, stats, opened)"
+    " SELECT %s, %s, %s, pid, backend_start::text, %s, %s"
     " FROM pg_stat_activity WHERE pid = pg_backend_pid()"
 ).format(sql.Identifier(TABLE))
 
@@ -48,7 +65,8 @@ _INSERT = sql.SQL(
 def write_row(task: int | None, role: str) -> None:
     with pool.connection() as conn:
         stats = json.dumps(pool.get_stats())
-        conn.execute(_INSERT, (task, role, os.getpid(), stats))
+        opened = json.dumps(_opened.get(os.getpid(), []))
+        conn.execute(_INSERT, (task, role, os.getpid(), stats, opened))
 
 
 write_row(None, CELERY_MAIN)  # start-up work, in the main process

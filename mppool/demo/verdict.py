@@ -16,6 +16,7 @@ __all__ = [
     "Observations",
     "ProcessReport",
     "Verdict",
+    "format_notes",
     "format_stats",
     "format_table",
     "judge",
@@ -39,6 +40,7 @@ class ProcessReport:
     pid: int
     role: str
     backends: set[Backend] = field(default_factory=set)
+    """Every session it opened (its pool's ``configure`` callback records them) or used."""
     served: int = 0
     """Requests answered (gunicorn workers) or tasks run (celery children)."""
     stats: dict[str, int] | None = None
@@ -169,4 +171,16 @@ def format_table(processes: Iterable[ProcessReport]) -> str:
         cells += [r[3].rjust(widths[3]), r[4]]
         lines.append("  ".join(cells).rstrip())
     lines.insert(1, "-" * max(len(line) for line in lines))
+    return "\n".join(lines)
+
+
+def format_notes(processes: Iterable[ProcessReport]) -> str:
+    """What the table's backends column means, and why a process may show none."""
+    lines = ["backends: every session the process's pool opened, or that it used; - none."]
+    silent = sorted(p.pid for p in processes if p.stats is None and not p.backends)
+    if silent:
+        lines.append(
+            f"-: {', '.join(map(str, silent))} reported nothing (a worker that answered no "
+            "request has nobody to tell which backends it opened)."
+        )
     return "\n".join(lines)

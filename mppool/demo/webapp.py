@@ -11,8 +11,9 @@ opens its own. With ``MPPOOL_DEMO_POOL=psycopg_pool`` (``mppool demo
 --unsafe``) the pool is psycopg_pool's, run without hooks, as found in the wild.
 
 ``GET /query`` answers with the worker's pid, the backend that served the
-query, how many requests this worker answered and its pool's stats;
-``GET /health`` answers without touching the database.
+query, every backend this process's pool opened, how many requests this
+worker answered and its pool's stats; ``GET /health`` answers without
+touching the database.
 """
 
 from __future__ import annotations
@@ -37,6 +38,21 @@ REPORT_DIR = Path(os.environ.get(ENV_DIR, "."))
 KIND = os.environ.get(ENV_POOL, "mppool")
 
 
+_opened: dict[int, list[list[Any]]] = {}
+"""Per process (a forked worker inherits the master's entries): [pid, backend_start]
+of every connection its pool opened, recorded by `record_opened`."""
+
+
+def record_opened(conn: Any) -> None:
+    """The pool's ``configure`` callback: note which backend a new connection is."""
+    _opened.setdefault(os.getpid(), []).append(backend_of(conn))
+    conn.rollback()  # leave it idle, as a configure callback must
+
+
+def opened_here() -> list[list[Any]]:
+    return list(_opened.get(os.getpid(), []))
+
+
 def make_pool() -> Any:
     """The app's pool: mppool's, or psycopg_pool's for the unsafe comparison."""
     if KIND == "psycopg_pool":
@@ -44,10 +60,14 @@ def make_pool() -> Any:
 
         # A short timeout: the inherited connections break, and nothing refills the
         # pool (its threads stayed in the master), so requests end up waiting.
-        return psycopg_pool.ConnectionPool(DSN, min_size=4, open=True, timeout=1, name="web")
+        return psycopg_pool.ConnectionPool(
+            DSN, min_size=4, open=True, timeout=1, name="web", configure=record_opened
+        )
     from mppool import ConnectionPool
 
-    return ConnectionPool(DSN, min_size=2, max_size=4, open=True, name="web")
+    return ConnectionPool(
+        DSN, min_size=2, max_size=4, open=True, name="web", configure=record_opened
+    )
 
 
 def backend_of(conn: Any) -> list[Any]:
@@ -73,7 +93,8 @@ def report_master() -> None:
     """Write which sessions the master held before the fork, for the demo's table."""
     if os.getpid() != MASTER_PID:
         return  # gunicorn workers run the master's atexit handlers too: not theirs
-    report = {"pid": MASTER_PID, "backends": MASTER_BACKENDS, "stats": pool.get_stats()}
+    backends = [list(b) for b in MASTER_BACKENDS] + opened_here()
+    report = {"pid": MASTER_PID, "backends": backends, "stats": pool.get_stats()}
     (REPORT_DIR / f"web-master-{MASTER_PID}.json").write_text(json.dumps(report))
 
 
@@ -96,6 +117,7 @@ def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[byte
             body["error"] = f"{type(exc).__name__}: {exc}".strip()
         else:
             body["served"] = next(_served)
+        body["opened"] = opened_here()
         body["pool"] = pool.get_stats()
     elif path != "/health":
         status = "404 Not Found"
