@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from .redact import MASK, password_of, redact
+from .redact import MASK, password_of
 
 __all__ = [
     "ENV_DSN",
@@ -112,7 +112,9 @@ def classify_error(exc: BaseException) -> str:
       host, TLS negotiation).
     """
     text = str(exc)
-    if isinstance(exc, psycopg.ProgrammingError) or text.startswith("connection is bad:"):
+    if isinstance(exc, psycopg.ProgrammingError):
+        return "invalid"
+    if text.startswith("connection is bad:") and "connection to server" not in text:
         return "invalid"
     if getattr(exc, "sqlstate", None) in _REFUSED_SQLSTATES:
         return "refused"
@@ -155,7 +157,16 @@ def describe_error(
 
 
 def scrub(text: str, dsn: str) -> str:
-    """`text` without the password `dsn` carries, even when `dsn` does not parse."""
-    text = redact(text, password_of(dsn))
+    """`text` without the password `dsn` carries, even when `dsn` does not parse.
+
+    Masks ``password=...`` and the password of a URI, then the password itself
+    wherever it stands alone (quoted, or between separators): inside a word it
+    is left, so that a one-letter password does not mask every letter of the
+    message (``"notaport"`` stays readable with the password ``p``).
+    """
     text = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", rf"\g<1>{MASK}", text)
-    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", rf"\g<1>{MASK}@", text)
+    text = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", rf"\g<1>{MASK}@", text)
+    secret = password_of(dsn)
+    if secret:
+        text = re.sub(rf"(?<!\w){re.escape(secret)}(?!\w)", MASK, text)
+    return text

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import polling
+import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -27,6 +28,7 @@ from mppool.dsn import (
     argv_password_warning,
     choose_dsn,
     describe_error,
+    scrub,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +74,43 @@ def test_a_password_in_dsn_option_is_warned_about(dsn: str) -> None:
 )
 def test_no_warning_without_a_password_in_argv(choice: DsnChoice) -> None:
     assert argv_password_warning(choice, "mppool doctor") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "password", "expected"),
+    [
+        ('invalid value "s3cr3t!" for option', "s3cr3t!", 'invalid value "***" for option'),
+        ("user=u password=s3cr3t host=h", "s3cr3t", "user=u password=*** host=h"),
+        ("postgresql://u:s3cr3t@h/db failed", "s3cr3t", "postgresql://u:***@h/db failed"),
+        # A short password inside words is left: the message stays readable.
+        ('invalid integer value "notaport" for connection option "port"', "p",
+         'invalid integer value "notaport" for connection option "port"'),
+        ("the password is p.", "p", "the password is ***."),
+    ],
+)  # fmt: skip
+def test_scrub(text: str, password: str, expected: str) -> None:
+    assert scrub(text, f"host=h password='{password}'") == expected
+
+
+def test_the_issues_invalid_port_reads_as_it_should() -> None:
+    """mppool doctor --dsn "postgresql://u:p@127.0.0.1:notaport/db", as libpq reports it."""
+    exc = psycopg.OperationalError(
+        'connection is bad: invalid integer value "notaport" for connection option "port"'
+    )
+    problem = describe_error(exc, DsnChoice("postgresql://u:p@127.0.0.1:notaport/db", "--dsn"))
+    assert problem.kind == "invalid"
+    assert str(problem) == (
+        "invalid connection settings (DSN from --dsn): connection is bad: invalid integer "
+        'value "notaport" for connection option "port"'
+    )
+
+
+def test_a_socket_that_is_not_there_is_unreachable_not_invalid() -> None:
+    exc = psycopg.OperationalError(
+        'connection is bad: connection to server on socket "/run/x/.s.PGSQL.5432" failed: '
+        "No such file or directory"
+    )
+    assert describe_error(exc, DsnChoice("", LIBPQ_ENV), environ={}).kind == "unreachable"
 
 
 def test_nothing_given_says_how_to_give_it() -> None:
