@@ -12,7 +12,12 @@
 A local cluster listens on 127.0.0.1 only, requires a password, allows 300
 connections and, where its binaries were built with OpenSSL, has TLS on with a
 self-signed certificate made at start. Run as root, the server runs as an
-unprivileged user (``postgres`` if it exists), because ``initdb`` refuses root.
+unprivileged user (``postgres`` if it exists), because ``initdb`` refuses root;
+if there is none, a system user ``mppool-pg`` is created for it (see
+`_unprivileged_user`).
+
+This is development and demo tooling that ships with mppool because ``mppool
+demo`` and ``examples/quickstart.py`` need it; it is not part of the pool API.
 
 This module is not a pytest plugin: it is imported by mppool's own
 ``conftest.py``, ``benchmarks/`` and ``mppool demo``.
@@ -457,7 +462,13 @@ class _LocalCluster:
 
 
 def _unprivileged_user() -> pwd.struct_passwd | None:
-    """The user to run the server as when we are root; None when we are not root."""
+    """The user to run the server as when we are root; None when we are not root.
+
+    ``initdb`` refuses to run as root. As root, this uses the ``postgres`` user if
+    the machine has one, else ``mppool-pg``, and when neither exists it **creates
+    the system user** ``mppool-pg`` (``useradd --system --no-create-home``), once:
+    later runs find it. Run the tests as a normal user to avoid that.
+    """
     if os.geteuid() != 0:
         return None
     for name in ("postgres", "mppool-pg"):
