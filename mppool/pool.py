@@ -53,10 +53,12 @@ ConnectionCB = Callable[[CT], None]
 ConninfoParam = str | Callable[[], str]
 KwargsParam = dict[str, Any] | Callable[[], dict[str, Any]]
 
-_IDLE = TransactionStatus.IDLE
-_INTRANS = TransactionStatus.INTRANS
-_INERROR = TransactionStatus.INERROR
-_ACTIVE = TransactionStatus.ACTIVE
+# Plain ints: psycopg's pgconn.transaction_status is one, and comparing it with
+# the IntEnum member costs several times more (an enum's reflected __ne__).
+_IDLE = int(TransactionStatus.IDLE)
+_INTRANS = int(TransactionStatus.INTRANS)
+_INERROR = int(TransactionStatus.INERROR)
+_ACTIVE = int(TransactionStatus.ACTIVE)
 _ALIVE = forking.ALIVE
 _rebuild = forking.rebuild
 
@@ -67,14 +69,13 @@ _DEFAULT_CLASS: Any = Connection
 class _Lease(Generic[CT]):
     """The context manager `ConnectionPool.connection()` returns.
 
-    A class rather than a generator: it costs less than half as much per use.
+    A class rather than a generator: it costs less than half as much per use;
+    and without an ``__init__``, whose call would cost as much again.
     """
 
     __slots__ = ("conn", "pool", "timeout")
-
-    def __init__(self, pool: ConnectionPool[CT], timeout: float | None) -> None:
-        self.pool = pool
-        self.timeout = timeout
+    pool: ConnectionPool[CT]
+    timeout: float | None
 
     def __enter__(self) -> CT:
         self.conn = conn = self.pool.getconn(self.timeout)
@@ -413,9 +414,10 @@ class ConnectionPool(SyncDriver, Generic[CT]):
         On leaving the block, a transaction still open is committed, or rolled
         back if the block raised; the connection then goes back to the pool.
         """
-        if self.close_returns:
-            return _ReturnableLease(self, timeout)
-        return _Lease(self, timeout)
+        lease: _Lease[CT] = _ReturnableLease() if self.close_returns else _Lease()
+        lease.pool = self
+        lease.timeout = timeout
+        return lease
 
     # -- per-thread affinity ---------------------------------------------------
 

@@ -61,9 +61,11 @@ __all__ = [
 
 logger = logging.getLogger("mppool")
 
-_IDLE = TransactionStatus.IDLE
-_INTRANS = TransactionStatus.INTRANS
-_INERROR = TransactionStatus.INERROR
+# Plain ints: psycopg's pgconn.transaction_status is one, and comparing it with
+# the IntEnum member costs several times more (an enum's reflected __ne__).
+_IDLE = int(TransactionStatus.IDLE)
+_INTRANS = int(TransactionStatus.INTRANS)
+_INERROR = int(TransactionStatus.INERROR)
 _ALIVE = forking.ALIVE
 _rebuild = forking.rebuild
 _INFINITY = float("inf")
