@@ -1,0 +1,5 @@
+from django.urls import path
+
+from djprobe import views
+
+urlpatterns = [path("", views.hit)]

@@ -1,0 +1,10 @@
+from __future__ import annotations
+
+from django.http import HttpRequest, JsonResponse
+
+from djprobe.record import record
+
+
+def hit(request: HttpRequest) -> JsonResponse:
+    """Record this request; answer with the worker's pid and the backend's pid and start."""
+    return JsonResponse(record(sleep=float(request.GET.get("sleep", "0"))))
