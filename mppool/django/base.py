@@ -22,7 +22,9 @@ is Django's own PostgreSQL wrapper (psycopg 3) with two changes:
 
 Every other setting, option and behaviour is Django's: ``CONN_MAX_AGE`` must
 stay 0 with the pool (Django refuses persistent connections on a pool),
-``CONN_HEALTH_CHECKS`` makes the pool check each connection before lending it.
+``CONN_HEALTH_CHECKS`` makes the pool check each connection before lending it
+(unless ``OPTIONS["pool"]["check"]`` names a check of its own, as Django 6.1
+allows).
 """
 
 from __future__ import annotations
@@ -62,7 +64,6 @@ _RESERVED = {
     "kwargs": "the backend connects with NAME, HOST, PORT, USER, PASSWORD and OPTIONS",
     "open": "the pool opens on first use (or in each worker, with mppool's hooks)",
     "configure": "Django configures each new connection itself (time zone, role)",
-    "check": "set CONN_HEALTH_CHECKS to True to check each connection before it is lent",
 }
 """Pool arguments the backend sets itself, and where to say what they would say."""
 
@@ -199,13 +200,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
         arguments = pool_arguments(options, self.alias)
         kwargs = self.get_connection_params()
         kwargs["autocommit"] = True  # Django sets what it wants on checkout
-        check = DjangoPool.check_connection if self.settings_dict["CONN_HEALTH_CHECKS"] else None
+        # As Django 6.1: a check of the user's own wins over CONN_HEALTH_CHECKS.
+        checks = self.settings_dict["CONN_HEALTH_CHECKS"]
+        arguments.setdefault("check", DjangoPool.check_connection if checks else None)
         pool = DjangoPool(
-            kwargs=kwargs,
-            open=False,
-            configure=self._configure_connection,
-            check=check,
-            **arguments,
+            kwargs=kwargs, open=False, configure=self._configure_connection, **arguments
         )
         # Threads racing here: the first pool set wins; the others were never opened.
         return self._connection_pools.setdefault(self.alias, pool)
