@@ -21,7 +21,10 @@ from psycopg.rows import dict_row
 
 from mppool import ConnectionPool, testserver
 
-pytest_plugins = ["pytester"]
+pytest.register_assert_rewrite("pgbouncer_support")  # a plugin, imported here first
+from pgbouncer_support import BouncerHelper  # noqa: E402
+
+pytest_plugins = ["pytester", "pgbouncer_support"]
 
 _counter = itertools.count(1)
 
@@ -125,6 +128,16 @@ class PgHelper:
         """The backend pids with that application_name."""
         return {b["pid"] for b in self.backends(app_name)}
 
+    def sessions(self, prefix: str) -> list[tuple[str, Any]]:
+        """(application_name, backend pid) of the backends whose application_name starts
+        with `prefix`."""
+        rows = self.execute(
+            "SELECT application_name, pid FROM pg_stat_activity"
+            " WHERE starts_with(application_name, %s) AND pid <> pg_backend_pid()",
+            (prefix,),
+        )
+        return [(name, pid) for name, pid in rows]
+
     def client_ports(self, app_name: str | None = None) -> set[int]:
         """The client-side TCP ports of those backends (match `socket.getsockname()[1]`)."""
         return {b["client_port"] for b in self.backends(app_name)}
@@ -192,14 +205,20 @@ class PgHelper:
         return polling.wait_until(predicate, timeout, what, interval)
 
 
+class BouncerPgHelper(BouncerHelper, PgHelper):
+    """`PgHelper` through PgBouncer: connections counted among PgBouncer's clients."""
+
+
 @pytest.fixture
 def pg(pg_server: testserver.Server, app_name: str) -> Iterator[PgHelper]:
-    """A `PgHelper` bound to the test's app_name."""
-    helper = PgHelper(pg_server, app_name)
+    """A `PgHelper` bound to the test's app_name (a `BouncerPgHelper` through PgBouncer)."""
+    helper = (BouncerPgHelper if pg_server.admin_dsn else PgHelper)(pg_server, app_name)
     try:
         yield helper
     finally:
         helper._close()
+        if isinstance(helper, BouncerHelper):
+            helper.close_admin()
 
 
 @pytest.fixture

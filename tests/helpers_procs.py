@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -306,24 +307,47 @@ def celery_args(*args: str) -> list[str]:
 # -- the database side -------------------------------------------------------
 
 
-def tagged(pg: Any, tag: str) -> dict[int, set[int]]:
-    """Backends named ``<tag>:<pid>``, by the pid of the process that opened them."""
-    rows = pg.execute(
-        "SELECT application_name, pid FROM pg_stat_activity WHERE application_name LIKE %s",
-        (tag + ":%",),
-    )
-    found: dict[int, set[int]] = {}
-    for name, backend in rows:
-        found.setdefault(int(name.rsplit(":", 1)[1]), set()).add(backend)
+def session_of(conn: Any) -> list[int]:
+    """Which session a psycopg connection is: [pid, client-side port].
+
+    The pid is the one the server sent at login: the backend's, or through
+    PgBouncer a key of the client connection (any server backend may run its
+    next transaction). With the client-side port, it names one connection,
+    whichever process uses it.
+    """
+    with socket.fromfd(conn.fileno(), socket.AF_INET, socket.SOCK_STREAM) as sock:
+        port = int(sock.getsockname()[1])
+    return [int(conn.info.backend_pid), port]
+
+
+def app_connect_kwargs() -> dict[str, Any]:
+    """What the test apps add to their connection arguments: ``prepare_threshold=None``
+    through PgBouncer 1.18, which loses prepared statements between transactions."""
+    backend = os.environ.get("MPPOOL_TEST_BACKEND", "").strip().lower()
+    return {"prepare_threshold": None} if backend == "pgbouncer" else {}
+
+
+def tagged(pg: Any, tag: str) -> dict[int, set[Any]]:
+    """Sessions named ``<tag>:<pid>``, by the pid of the process that opened them.
+
+    A session is a backend pid, or through PgBouncer a client connection
+    (address:port), a server backend there serving any client.
+    """
+    found: dict[int, set[Any]] = {}
+    for name, session in pg.sessions(tag + ":"):
+        found.setdefault(int(name.rsplit(":", 1)[1]), set()).add(session)
     return found
 
 
 def abandoned(pg: Any) -> int | None:
-    """Sessions of the database that ended without the client's goodbye (PostgreSQL 14+).
+    """Sessions of the database that ended without the client's goodbye (PostgreSQL 14+);
+    through PgBouncer, client connections that did (PgBouncer's log).
 
     None where the counter does not exist, or when the server is shared
     (MPPOOL_TEST_DSN): others may abandon sessions there.
     """
+    if pg.server.admin_dsn:
+        return int(pg.abandoned())
     if pg.server.source == "MPPOOL_TEST_DSN":
         return None
     try:

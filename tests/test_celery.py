@@ -2,7 +2,7 @@
 
 The app (tests/apps/probe_celery.py) names each connection ``<tag>:<pid>`` after
 the process that opened it; its task writes the pid of the process that ran
-it and the backend it used into a table. The broker is kombu's ``filesystem://``
+it and the session it used (helpers_procs.session_of) into a table. The broker is kombu's ``filesystem://``
 transport (no server needed; billiard's BlockingPool), and redis where
 ``redis-server`` is installed (AsynPool, with its 4 s start-up watchdog).
 """
@@ -46,10 +46,10 @@ WORKER += ["--without-heartbeat", "-l", "INFO"]
 
 @pytest.fixture
 def table(pg: Any) -> Iterator[str]:
-    """A table for the task's rows: (n, pid, backend, backend_start)."""
+    """A table for the task's rows: (n, pid, backend, client): the session is (backend, client)."""
     name = new_tag()
     pg.execute(
-        sql.SQL("CREATE TABLE {} (n int, pid int, backend int, backend_start timestamptz)").format(
+        sql.SQL("CREATE TABLE {} (n int, pid int, backend int, client int)").format(
             sql.Identifier(name)
         )
     )
@@ -63,7 +63,7 @@ def rows(pg: Any, table: str) -> list[tuple[int, int, int, Any]]:
     return [
         tuple(r)
         for r in pg.execute(
-            sql.SQL("SELECT n, pid, backend, backend_start FROM {}").format(sql.Identifier(table))
+            sql.SQL("SELECT n, pid, backend, client FROM {}").format(sql.Identifier(table))
         )
     ]
 
@@ -97,7 +97,7 @@ def wait_rows(pg: Any, table: str, n: int, worker: Proc, timeout: float = 60) ->
 
 
 def by_backend(result: list[Any]) -> dict[Any, set[int]]:
-    return one_process_per_backend([(pid, (backend, start)) for _, pid, backend, start in result])
+    return one_process_per_backend([(pid, (b, client)) for _, pid, b, client in result])
 
 
 # -- without a worker ------------------------------------------------------------

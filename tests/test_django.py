@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 from forkutil import in_child
-from helpers_procs import APPS, abandoned
+from helpers_procs import APPS, abandoned, session_of
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
@@ -121,12 +121,14 @@ def dj(django_db: DjangoDb, pg: Any) -> Iterator[DjangoDb]:
             pg.wait_count(0, app_name=django_db.app_name(name))
 
 
-def backend_pid(alias: str = "default") -> int:
+def session(alias: str = "default") -> tuple[int, int]:
+    """The session the alias's connection is (helpers_procs.session_of), after a query."""
     from django.db import connections
 
     with connections[alias].cursor() as cur:
-        cur.execute("SELECT pg_backend_pid()")
-        return int(cur.fetchone()[0])
+        cur.execute("SELECT 1")
+    backend, port = session_of(connections[alias].connection)
+    return backend, port
 
 
 # -- configuration -------------------------------------------------------------
@@ -160,7 +162,7 @@ def test_pool_options_rejected_with_the_key_named(dj: DjangoDb) -> None:
     cases = {
         "min_sise": r"\['min_sise'\] is not an argument of mppool.ConnectionPool",
         "kwargs": r"\['kwargs'\] cannot be set: the backend connects with NAME",
-        "check": r"\['check'\] cannot be set: set CONN_HEALTH_CHECKS",
+        "configure": r"\['configure'\] cannot be set: Django configures",
     }
     wrapper._connection_pools = {}  # this copy's own: the alias's pool stays apart
     for key, message in cases.items():
@@ -174,11 +176,16 @@ def test_pool_options_rejected_with_the_key_named(dj: DjangoDb) -> None:
 
     # Every other ConnectionPool argument passes through, mppool's own included.
     params = set(inspect.signature(ConnectionPool).parameters)
-    reserved = {"conninfo", "kwargs", "open", "configure", "check"}
+    reserved = {"conninfo", "kwargs", "open", "configure"}
     for key in params - reserved:
         assert key in pool_arguments({key: None}, "x")
     assert pool_arguments(True, "x") == {"name": "x"}
     assert pool_arguments({"name": "mine"}, "x") == {"name": "mine"}
+
+    # As Django 6.1: a check of one's own, whatever CONN_HEALTH_CHECKS says.
+    settings["OPTIONS"]["pool"] = {"check": print}
+    assert wrapper.pool._check is print
+    wrapper.close_pool()
 
 
 def test_conn_max_age_is_refused_with_the_pool(dj: DjangoDb) -> None:
@@ -258,16 +265,16 @@ def test_conn_health_checks(dj: DjangoDb, pg: Any, checks: bool) -> None:
 
     alias = "checked" if checks else "default"
     wrapper = connections[alias]
-    dead = backend_pid(alias)
+    dead = session(alias)
     wrapper.close()  # back to the pool, idle
     assert pg.terminate(dj.app_name(alias)) == 1
     if checks:
-        assert backend_pid(alias) != dead
+        assert session(alias) != dead
     else:
         with pytest.raises(OperationalError):
-            backend_pid(alias)
+            session(alias)
         wrapper.close()
-        assert backend_pid(alias) != dead
+        assert session(alias) != dead
     wrapper.close()
 
 
@@ -278,16 +285,16 @@ def test_disconnect_takes_back_the_threads_connection(dj: DjangoDb, pg: Any) -> 
 
     from mppool.hooks import disconnect_pools
 
-    backend_pid()
+    session()
     pg.wait_count(1, app_name=dj.app_name("default"))
     assert disconnect_pools() >= 1
     assert connection.connection is None
     pg.wait_count(0, app_name=dj.app_name("default"))
 
     with transaction.atomic():
-        held = backend_pid()
+        held = session()
         connection.pool.disconnect()
-        assert backend_pid() == held  # still in the same transaction
+        assert session() == held  # still in the same transaction
     connection.pool.disconnect()
     assert connection.connection is None
 
@@ -311,14 +318,14 @@ def raw_fork_run(fn: Callable[[], object]) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def child_uses_django(alias: str) -> int:
+def child_uses_django(alias: str) -> list[int]:
     """In the child: the inherited wrapper holds nothing; a query gets a backend of
     the child's own; closing gives it back."""
     from django.db import connections
 
     wrapper = connections[alias]
     assert wrapper.connection is None, "the child kept its parent's connection"
-    mine = backend_pid(alias)
+    mine = list(session(alias))
     wrapper.close()
     if wrapper.pool is not None:
         wrapper.pool.close()
@@ -334,16 +341,16 @@ def test_child_forgets_the_parents_connection(
     a fork: the child neither uses nor closes it, with or without fork callbacks."""
     from django.db import connections
 
-    parent = backend_pid(alias)
+    parent = session(alias)
     clean = abandoned(pg)
     if how == "os.fork":
         child = in_child(lambda: child_uses_django(alias))
-        assert child != parent
+        assert tuple(child) != parent
     else:
         assert raw_fork_run(lambda: child_uses_django(alias)) == 0
     # The parent's session is intact: same backend, still answering.
     assert connections[alias].connection is not None
-    assert backend_pid(alias) == parent
+    assert session(alias) == parent
     connections[alias].close()
     if clean is not None:
         pg.wait_until(lambda: abandoned(pg) == clean, 5, "no session abandoned by the child")

@@ -78,11 +78,11 @@ def migrate(env: dict[str, str], tmp_path: Path) -> None:
     assert "Applying djprobe.0001_initial... OK" in out.stdout
 
 
-def hits(pg_server: testserver.Server, database: str) -> list[tuple[int, int, int, Any]]:
-    """Every row written: (n, pid, backend, backend_start)."""
-    dsn = make_conninfo(pg_server.dsn, dbname=database, application_name="mppool-admin")
+def hits(pg_server: testserver.Server, database: str) -> list[tuple[int, int, int, int]]:
+    """Every row written: (n, pid, backend, client)."""
+    dsn = make_conninfo(pg_server.server_dsn, dbname=database, application_name="mppool-admin")
     with psycopg.connect(dsn, autocommit=True) as conn:
-        rows = conn.execute("SELECT n, pid, backend, backend_start FROM djprobe_hit").fetchall()
+        rows = conn.execute("SELECT n, pid, backend, client FROM djprobe_hit").fetchall()
     return [tuple(r) for r in rows]
 
 
@@ -123,7 +123,7 @@ def test_gunicorn_preload(
     rows = hits(pg_server, database)
     # wait_workers' own requests write rows too: every answered request is there.
     assert len(rows) >= 150
-    one_process_per_backend([(pid, (backend, start)) for _, pid, backend, start in rows])
+    one_process_per_backend([(pid, (backend, client)) for _, pid, backend, client in rows])
     assert "Traceback" not in log.read_text()
     assert_no_password(tls_dsn, log, tmp_path / "migrate.log")
 
@@ -159,7 +159,7 @@ def test_celery_prefork(
         pids = {pid for _, pid, _, _ in rows}
         assert worker.pid not in pids
         assert len(pids) >= 6, "each child runs 4 tasks at most"
-        one_process_per_backend([(pid, (backend, start)) for _, pid, backend, start in rows])
+        one_process_per_backend([(pid, (backend, client)) for _, pid, backend, client in rows])
 
         def settled() -> bool:
             holders = set(tagged(pg, tag))

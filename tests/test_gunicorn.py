@@ -2,7 +2,8 @@
 
 The app (tests/apps/probe_wsgi.py) names each connection ``<tag>:<pid>``
 after the process that opened it, and answers each request with its pid and
-the backend's: pg_stat_activity then says which process holds which backend.
+the session it used: pg_stat_activity (through PgBouncer, its client list)
+then says which process holds which connection.
 ``sessions_abandoned`` (PostgreSQL 14+) counts sessions that ended without the
 client's goodbye: a clean exit adds none.
 """
@@ -38,7 +39,7 @@ HOOKS_CONFIG = "python:mppool.hooks.gunicorn"
 
 
 def served(results: list[dict[str, Any]]) -> dict[Any, set[int]]:
-    """Which worker pids used each backend (pid, start time): one each, or fail."""
+    """Which worker pids used each session (helpers_procs.session_of): one each, or fail."""
     return one_process_per_backend([(r["pid"], tuple(r["backend"])) for r in results])
 
 

@@ -62,13 +62,12 @@ def probe(tls_dsn: str) -> Iterator[tuple[Probe, str]]:
 
 
 def counts(pg: Any, tag: str) -> dict[str, int]:
-    """Backends by pool name (the probe names them ``<tag>:<pool>``)."""
-    rows = pg.execute(
-        "SELECT application_name, count(*) FROM pg_stat_activity"
-        " WHERE application_name LIKE %s GROUP BY 1",
-        (tag + ":%",),
-    )
-    return {name.split(":", 1)[1]: n for name, n in rows}
+    """Connections by pool name (the probe names them ``<tag>:<pool>``)."""
+    found: dict[str, int] = {}
+    for name, _ in pg.sessions(tag + ":"):
+        pool = name.split(":", 1)[1]
+        found[pool] = found.get(pool, 0) + 1
+    return found
 
 
 def wait_counts(pg: Any, tag: str, expected: dict[str, int]) -> None:

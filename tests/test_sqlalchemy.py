@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from forkutil import in_child
-from helpers_procs import abandoned
+from helpers_procs import abandoned, session_of
 from psycopg.conninfo import conninfo_to_dict
 
 sa = pytest.importorskip("sqlalchemy", minversion="2.0")
@@ -93,8 +93,15 @@ def engine(make_engine: Callable[..., sa.Engine]) -> Iterator[sa.Engine]:
         Base.metadata.drop_all(engine)
 
 
-def backend_pid(conn: sa.Connection) -> int:
-    return int(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+def session(conn: sa.Connection) -> tuple[int, int]:
+    """The session `conn` uses (helpers_procs.session_of), after a query on it."""
+    conn.execute(sa.text("SELECT 1"))
+    backend, port = session_of(conn.connection.driver_connection)
+    return backend, port
+
+
+def session_in(orm_session: orm.Session) -> tuple[int, int]:
+    return session(orm_session.connection())
 
 
 # -- arguments -------------------------------------------------------------------
@@ -126,7 +133,7 @@ def test_pool_options(make_engine: Callable[..., sa.Engine], pg: Any) -> None:
     assert pool.closed, "opened on first use, as SQLAlchemy's own pools connect on first use"
     assert pg.count() == 0
     with engine.connect() as conn:
-        backend_pid(conn)
+        session(conn)
     assert not pool.closed
 
     for key in ("kwargs", "min_size", "close_returns"):
@@ -153,23 +160,23 @@ def test_core_and_orm(engine: sa.Engine, pg: Any) -> None:
     pool = connection_pool(engine)
     with engine.begin() as conn:
         conn.execute(items.insert(), [{"name": "a"}, {"name": "b"}])
-        first = backend_pid(conn)
+        first = session(conn)
     with pytest.raises(ZeroDivisionError), engine.begin() as conn:
         conn.execute(items.insert(), [{"name": "lost"}])
         raise ZeroDivisionError
-    with orm.Session(engine) as session:
-        session.add_all([Note(text="x"), Note(text="y")])
-        session.commit()
-        session.add(Note(text="rolled back"))
-        session.rollback()
-        assert sorted(n.text for n in session.scalars(sa.select(Note))) == ["x", "y"]
-        assert backend_pid(session.connection()) == first  # the one connection, reused
+    with orm.Session(engine) as orm_session:
+        orm_session.add_all([Note(text="x"), Note(text="y")])
+        orm_session.commit()
+        orm_session.add(Note(text="rolled back"))
+        orm_session.rollback()
+        assert sorted(n.text for n in orm_session.scalars(sa.select(Note))) == ["x", "y"]
+        assert session_in(orm_session) == first  # the one connection, reused
     with engine.connect() as conn:
         assert sorted(conn.execute(sa.select(items.c.name)).scalars()) == ["a", "b"]
         assert pool.get_stats()["pool_available"] == 0
     # SQLAlchemy's checkin "closes" it: back in the mppool pool, the backend alive.
     assert pool.get_stats()["pool_available"] == 1
-    assert pg.pids() == {first}
+    assert pg.client_ports() == {first[1]}
 
 
 def test_dispose(make_engine: Callable[..., sa.Engine], pg: Any) -> None:
@@ -177,13 +184,13 @@ def test_dispose(make_engine: Callable[..., sa.Engine], pg: Any) -> None:
     changes nothing."""
     engine = make_engine()
     with engine.connect() as conn:
-        before = backend_pid(conn)
+        before = session(conn)
     engine.dispose(close=False)
-    assert pg.pids() == {before}
+    assert pg.client_ports() == {before[1]}
     engine.dispose()
     pg.wait_count(0)
     with engine.connect() as conn:
-        assert backend_pid(conn) != before
+        assert session(conn) != before
     assert isinstance(engine.pool, MppoolNullPool)
 
 
@@ -191,10 +198,10 @@ def test_pool_pre_ping_is_the_pools_check(make_engine: Callable[..., sa.Engine],
     engine = make_engine(pool_pre_ping=True)
     assert connection_pool(engine)._check is ConnectionPool.check_connection
     with engine.connect() as conn:
-        dead = backend_pid(conn)
+        dead = session(conn)
     assert pg.terminate() == 1
     with engine.connect() as conn:  # no error: the check replaced the dead connection
-        assert backend_pid(conn) != dead
+        assert session(conn) != dead
 
 
 def test_connect_event_per_checkout_and_notices_logged_once(
@@ -207,7 +214,7 @@ def test_connect_event_per_checkout_and_notices_logged_once(
     sa.event.listen(engine, "connect", lambda dbapi_conn, rec: connects.append(dbapi_conn))
     for _ in range(20):
         with engine.connect() as conn:
-            backend_pid(conn)
+            session(conn)
     assert len(connects) == 20 and len({id(c) for c in connects}) == 1
     with caplog.at_level(logging.INFO, logger="sqlalchemy.dialects.postgresql"):
         with engine.connect() as conn:
@@ -223,23 +230,23 @@ def test_engine_across_fork(engine: sa.Engine, pg: Any) -> None:
     """An engine used before a fork (over TLS): the child connects on its own, with Core
     and the ORM, and the parent's session is untouched."""
     with engine.connect() as conn:
-        parent = backend_pid(conn)
+        parent = session(conn)
     clean = abandoned(pg)
 
-    def child() -> list[int]:
+    def child() -> list[list[int]]:
         with engine.begin() as conn:
             conn.execute(items.insert(), [{"name": f"child {os.getpid()}"}])
-            core = backend_pid(conn)
-        with orm.Session(engine) as session:
-            session.add(Note(text="child"))
-            session.commit()
-            used = backend_pid(session.connection())
+            core = session(conn)
+        with orm.Session(engine) as orm_session:
+            orm_session.add(Note(text="child"))
+            orm_session.commit()
+            used = session_in(orm_session)
         connection_pool(engine).close()
-        return [core, used]
+        return [list(core), list(used)]
 
-    assert set(in_child(child)).isdisjoint({parent})
+    assert {tuple(s) for s in in_child(child)}.isdisjoint({parent})
     with engine.connect() as conn:
-        assert backend_pid(conn) == parent
+        assert session(conn) == parent
         assert conn.execute(sa.select(sa.func.count()).select_from(items)).scalar_one() == 1
     if clean is not None:
         pg.wait_until(lambda: abandoned(pg) == clean, 5, "no session abandoned by the child")

@@ -66,10 +66,10 @@ def test_gunicorn_preload_core_and_orm(pg: Any, tls_dsn: str, tmp_path: Path, ta
     if clean is not None:
         assert abandoned(pg) == clean, "a process left its session without goodbye"
     rows = pg.execute(
-        sql.SQL("SELECT how, pid, backend, backend_start FROM {}").format(sql.Identifier(table))
+        sql.SQL("SELECT how, pid, backend, client FROM {}").format(sql.Identifier(table))
     )
     hows = [how for how, _, _, _ in rows]
     assert hows.count("orm") == 80 and hows.count("core") >= 80  # + wait_workers' requests
-    one_process_per_backend([(pid, (backend, start)) for _, pid, backend, start in rows])
+    one_process_per_backend([(pid, (backend, client)) for _, pid, backend, client in rows])
     assert "Traceback" not in log.read_text()
     assert_no_password(tls_dsn, log)

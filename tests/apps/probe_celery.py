@@ -18,7 +18,7 @@ import os
 import time
 
 from celery import Celery
-from helpers_procs import broker_config
+from helpers_procs import app_connect_kwargs, broker_config, session_of
 from psycopg import sql
 
 from mppool import ConnectionPool
@@ -53,7 +53,11 @@ def conninfo() -> str:
 
 pool = ConnectionPool(
     conninfo,
-    kwargs=lambda: {"application_name": f"{TAG}:{os.getpid()}", "connect_timeout": 10},
+    kwargs=lambda: {
+        "application_name": f"{TAG}:{os.getpid()}",
+        "connect_timeout": 10,
+        **app_connect_kwargs(),
+    },
     min_size=1,
     max_size=MAX_SIZE,
     open=OPEN == "import",
@@ -71,11 +75,10 @@ if os.environ.get("MPPOOL_TEST_APP_INSTALL", "1") == "1":
 @app.task(name="probe_celery.record")
 def record(n: int) -> None:
     with pool.connection() as conn:
+        backend, client = session_of(conn)
         conn.execute(
-            sql.SQL(
-                "INSERT INTO {} (n, pid, backend, backend_start)"
-                " SELECT %s, %s, pid, backend_start FROM pg_stat_activity"
-                " WHERE pid = pg_backend_pid()"
-            ).format(TABLE),
-            (n, os.getpid()),
+            sql.SQL("INSERT INTO {} (n, pid, backend, client) VALUES (%s, %s, %s, %s)").format(
+                TABLE
+            ),
+            (n, os.getpid(), backend, client),
         )

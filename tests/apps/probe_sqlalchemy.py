@@ -10,7 +10,7 @@ Configured by environment variables (set by the test):
 
 Endpoints: ``/core`` and ``/orm`` each write one row, with SQLAlchemy Core in
 ``engine.begin()`` or with an ORM Session, naming the worker's pid and the
-backend's pid and start; they answer that as JSON.
+session it used (helpers_procs.session_of); they answer that as JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import sqlalchemy as sa
+from helpers_procs import app_connect_kwargs, session_of
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import orm
 
@@ -48,7 +49,9 @@ URL = sa.URL.create(
     query={k: str(v) for k, v in _params.items() if k != "application_name"},
 )
 
-engine = create_engine(URL, min_size=1, max_size=2, pool_options={"name": "app"})
+engine = create_engine(
+    URL, min_size=1, max_size=2, pool_options={"name": "app"}, connect_args=app_connect_kwargs()
+)
 
 
 class Base(orm.DeclarativeBase):
@@ -61,31 +64,27 @@ class Hit(Base):
     how: orm.Mapped[str]
     pid: orm.Mapped[int]
     backend: orm.Mapped[int]
-    backend_start: orm.Mapped[str]
+    client: orm.Mapped[int]
 
 
 Base.metadata.create_all(engine)  # in the master, under --preload
 
-BACKEND = sa.text(
-    "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()"
-)
-
 
 def core() -> dict[str, Any]:
     with engine.begin() as conn:
-        backend, start = conn.execute(BACKEND).one()
+        backend, client = session_of(conn.connection.driver_connection)
         conn.execute(
             sa.insert(Hit.__table__),
-            {"how": "core", "pid": os.getpid(), "backend": backend, "backend_start": start},
+            {"how": "core", "pid": os.getpid(), "backend": backend, "client": client},
         )
-    return {"pid": os.getpid(), "backend": [backend, start]}
+    return {"pid": os.getpid(), "backend": [backend, client]}
 
 
 def with_orm() -> dict[str, Any]:
     with orm.Session(engine) as session, session.begin():
-        backend, start = session.execute(BACKEND).one()
-        session.add(Hit(how="orm", pid=os.getpid(), backend=backend, backend_start=start))
-    return {"pid": os.getpid(), "backend": [backend, start]}
+        backend, client = session_of(session.connection().connection.driver_connection)
+        session.add(Hit(how="orm", pid=os.getpid(), backend=backend, client=client))
+    return {"pid": os.getpid(), "backend": [backend, client]}
 
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:

@@ -4,8 +4,8 @@ Configured by environment variables (set by the test):
 
 - MPPOOL_TEST_APP_DSN: where to connect;
 - MPPOOL_TEST_APP_TAG: connections are named ``<tag>:<pid of the process that
-  opened them>``, so the test tells from pg_stat_activity which process holds
-  which backend;
+  opened them>``, so the test tells from pg_stat_activity (or PgBouncer's
+  client list) which process holds which connection;
 - MPPOOL_TEST_APP_OPEN: ``import`` (the pool is opened, and used, at import:
   in the master under --preload) or ``false`` (created with open=False);
 - MPPOOL_TEST_APP_MAX_SIZE: the pool's max_size (min_size is 1);
@@ -13,7 +13,7 @@ Configured by environment variables (set by the test):
   opened at import, named ``<tag>u:<pid>``.
 
 Endpoints: ``/?sleep=S`` runs ``pg_sleep(S)`` and answers JSON with the
-worker's pid and the backend's pid and start time; ``/hang`` opens a
+worker's pid and the session it used (see helpers_procs.session_of); ``/hang`` opens a
 transaction, then sleeps in Python until gunicorn's timeout aborts the worker.
 """
 
@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
+from helpers_procs import app_connect_kwargs, session_of
+
 from mppool import ConnectionPool
 
 DSN = os.environ["MPPOOL_TEST_APP_DSN"]
@@ -36,7 +38,11 @@ MAX_SIZE = int(os.environ.get("MPPOOL_TEST_APP_MAX_SIZE", "2"))
 
 def _named(tag: str) -> Callable[[], dict[str, Any]]:
     # Called for every new connection, in the process that opens it.
-    return lambda: {"application_name": f"{tag}:{os.getpid()}", "connect_timeout": 10}
+    return lambda: {
+        "application_name": f"{tag}:{os.getpid()}",
+        "connect_timeout": 10,
+        **app_connect_kwargs(),
+    }
 
 
 pool = ConnectionPool(
@@ -53,10 +59,7 @@ if os.environ.get("MPPOOL_TEST_APP_UNMANAGED"):
     unmanaged.managed = False
     unmanaged.wait(10)
 
-QUERY = (
-    "SELECT pg_backend_pid(), backend_start::text, pg_sleep(%s)"
-    " FROM pg_stat_activity WHERE pid = pg_backend_pid()"
-)
+QUERY = "SELECT pg_sleep(%s)"
 
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -68,8 +71,8 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
     params = parse_qs(environ.get("QUERY_STRING", ""))
     sleep = float(params.get("sleep", ["0"])[0])
     with pool.connection() as conn:
-        row = conn.execute(QUERY, (sleep,)).fetchone()
-    assert row is not None
-    body = json.dumps({"pid": os.getpid(), "backend": [row[0], row[1]]}).encode()
+        conn.execute(QUERY, (sleep,))
+        session = session_of(conn)
+    body = json.dumps({"pid": os.getpid(), "backend": session}).encode()
     start_response("200 OK", [("Content-Type", "application/json")])
     return [body]

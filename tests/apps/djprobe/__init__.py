@@ -6,7 +6,8 @@ Configured by environment variables (set by the tests):
   taken from it); MPPOOL_TEST_APP_DB: the database (NAME);
 - MPPOOL_TEST_APP_TAG: each process connects as ``<tag>:<its pid>`` (through
   libpq's PGAPPNAME, set again in every forked child), so the test tells from
-  pg_stat_activity which process holds which backend;
+  pg_stat_activity (or PgBouncer's client list) which process holds which
+  connection;
 - MPPOOL_TEST_APP_ENGINE: the ENGINE (default ``mppool.django``);
 - MPPOOL_TEST_APP_MAX_SIZE: the pool's max_size (min_size is 1);
 - MPPOOL_TEST_APP_QUERY: if set, wsgi.py and celery_app.py query the database

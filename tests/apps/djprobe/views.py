@@ -6,5 +6,5 @@ from djprobe.record import record
 
 
 def hit(request: HttpRequest) -> JsonResponse:
-    """Record this request; answer with the worker's pid and the backend's pid and start."""
+    """Record this request; answer with the worker's pid and the session it used."""
     return JsonResponse(record(sleep=float(request.GET.get("sleep", "0"))))

@@ -15,7 +15,7 @@ class Migration(migrations.Migration):
                 ("n", models.IntegerField(default=0)),
                 ("pid", models.IntegerField()),
                 ("backend", models.IntegerField()),
-                ("backend_start", models.DateTimeField()),
+                ("client", models.IntegerField()),
             ],
         ),
     ]
