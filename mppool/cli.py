@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=10,
         help="seconds to wait for the connection (default: %(default)s)",
     )
+    doctor.epilog = (
+        "Behind PgBouncer, set MPPOOL_PGBOUNCER_ADMIN_DSN to its admin console (database "
+        "pgbouncer) to check the processes against PgBouncer's client limit and its pools "
+        "against the server: in the environment, never on the command line, where a "
+        "password is visible to every user of the machine."
+    )
     return parser
 
 

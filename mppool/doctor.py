@@ -242,4 +242,17 @@ def run(
     sizing = size(capacity, workers, max_size)
     print(f"PostgreSQL {capacity.version} at {where} (DSN from {choice.source})", file=out)
     print(format_report(capacity, sizing), file=out)
+    if os.environ.get("MPPOOL_PGBOUNCER_ADMIN_DSN"):  # see doctor_pgbouncer
+        from . import doctor_pgbouncer as bouncer
+
+        fits = bouncer.report(
+            os.environ["MPPOOL_PGBOUNCER_ADMIN_DSN"],
+            sizing.needed,
+            capacity.usable,
+            sizing.fits,
+            timeout=timeout,
+            out=out,
+            err=err,
+        )
+        return NO_CONNECTION if fits is None else FITS if fits else TOO_BIG
     return FITS if sizing.fits else TOO_BIG
