@@ -30,6 +30,7 @@ from .redact import password_of, redact, safe_conninfo
 __all__ = ["ENV", "BouncerLimits", "bouncer_report", "read_limits", "report"]
 
 ENV = "MPPOOL_PGBOUNCER_ADMIN_DSN"
+"""The environment variable holding the admin console's DSN."""
 
 
 @dataclass(frozen=True)

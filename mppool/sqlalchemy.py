@@ -113,6 +113,7 @@ class MppoolNullPool(NullPool):
         return creator.pool
 
     def dispose(self) -> None:
+        """Close the mppool pool's idle connections; it stays open (``engine.dispose()``)."""
         self.mppool.disconnect()
 
 

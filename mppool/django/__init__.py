@@ -20,3 +20,5 @@ parent's wrapper held instead of using or closing it. See
 Importing this package does not import Django: Django loads the backend from
 ``mppool.django.base`` itself.
 """
+
+__all__: list[str] = []  # Django imports the backend itself, from mppool.django.base

@@ -44,7 +44,7 @@ from django.db.backends.postgresql import base as postgresql
 from .. import forking
 from ..pool import ConnectionPool
 
-__all__ = ["DatabaseWrapper", "DjangoPool"]
+__all__ = ["DatabaseWrapper", "DjangoPool", "pool_arguments"]
 
 logger = logging.getLogger("mppool.django")
 
@@ -144,12 +144,7 @@ def pool_arguments(options: Any, alias: str) -> dict[str, Any]:
 
 
 class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
-    """Django's PostgreSQL ``DatabaseWrapper`` on an `mppool` pool, forgetting across fork.
-
-    Attributes:
-        pool: the alias's `DjangoPool`, created on first use; None without
-            ``OPTIONS["pool"]``.
-    """
+    """Django's PostgreSQL ``DatabaseWrapper`` on an `mppool` pool, forgetting across fork."""
 
     _connection_pools: ClassVar[dict[str, DjangoPool]] = {}  # this backend's, not Django's
     _mppool_conn: Any = None
@@ -189,6 +184,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
 
     @property
     def pool(self) -> DjangoPool | None:
+        """The alias's `DjangoPool` (created on first use), or None without
+        ``OPTIONS["pool"]``."""
         options = self.settings_dict["OPTIONS"].get("pool")
         if self.alias == NO_DB_ALIAS or not options:
             return None
