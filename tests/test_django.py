@@ -15,10 +15,12 @@ import ctypes
 import inspect
 import os
 import secrets
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import polling
 import psycopg
 import pytest
 from forkutil import in_child
@@ -302,9 +304,9 @@ def test_disconnect_takes_back_the_threads_connection(dj: DjangoDb, pg: Any) -> 
 # -- fork ---------------------------------------------------------------------
 
 
-def raw_fork_run(fn: Callable[[], object]) -> int:
+def raw_fork_run(fn: Callable[[], object], timeout: float = 30.0) -> int:
     """Fork with libc's fork(), so no register_at_fork callback runs; `fn` in the child;
-    its exit status (1 if `fn` raised)."""
+    its exit status (1 if `fn` raised). A child still running after `timeout` is killed."""
     pid = ctypes.CDLL(None, use_errno=True).fork()
     if pid == 0:
         code = 0
@@ -314,8 +316,21 @@ def raw_fork_run(fn: Callable[[], object]) -> int:
             code = 1
         os._exit(code)
     assert pid > 0
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    statuses: list[int] = []
+
+    def exited() -> bool:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            statuses.append(os.waitstatus_to_exitcode(status))
+        return bool(done)
+
+    try:
+        polling.wait_until(exited, timeout, f"child {pid} to exit")
+    except AssertionError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    return statuses[0]
 
 
 def child_uses_django(alias: str) -> list[int]:
