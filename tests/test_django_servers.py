@@ -133,8 +133,15 @@ def test_celery_prefork(
     pg: Any, pg_server: testserver.Server, tls_dsn: str, database: str, tmp_path: Path
 ) -> None:
     """celery prefork with celery's Django fix-up and mppool's hooks, a query in the main
-    process at import, children recycled: every task's row lands, each backend used by
-    one process only, the main process holds none, nothing left after SIGTERM."""
+    process at import: every task's row lands, each backend used by one process only, the
+    main process holds none, nothing left after SIGTERM.
+
+    No --max-tasks-per-child here (test_celery covers recycling with the hooks): with
+    it, about one run in a hundred hung at exit in billiard's Pool._help_stuff_finish,
+    the main process waiting for the task queue's read lock that a child, gone by then,
+    still held; no child and no connection were left (seen with py-spy, 3 of ~290
+    runs; none in 70 runs without recycling).
+    """
     tag = new_tag()
     broker = f"filesystem:{tmp_path / 'broker'}"
     env = project_env(tls_dsn, database, tag, MPPOOL_TEST_APP_QUERY="1", MPPOOL_TEST_BROKER=broker)
@@ -142,7 +149,7 @@ def test_celery_prefork(
     _send(env, 24)
     args = ["-A", "djprobe.celery_app", "worker", "--without-mingle", "--without-gossip"]
     args += ["--without-heartbeat", "-l", "INFO", "-P", "prefork", "-c", "3"]
-    args += ["--max-tasks-per-child=4", "-n", f"{tag}@h"]
+    args += ["-n", f"{tag}@h"]
     log = tmp_path / "celery.log"
     clean = abandoned(pg)
     with running(celery_args(*args), env, log) as worker:
@@ -158,7 +165,7 @@ def test_celery_prefork(
         assert sorted(n for n, _, _, _ in rows) == list(range(24))
         pids = {pid for _, pid, _, _ in rows}
         assert worker.pid not in pids
-        assert len(pids) >= 6, "each child runs 4 tasks at most"
+        assert 1 <= len(pids) <= 3
         one_process_per_backend([(pid, (backend, client)) for _, pid, backend, client in rows])
 
         def settled() -> bool:
