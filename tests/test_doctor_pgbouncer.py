@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from mppool import testserver
+from mppool import exitstatus, testserver
 from mppool.doctor_pgbouncer import BouncerLimits, bouncer_report
 
 
@@ -91,14 +91,14 @@ def test_verdict_is_pgbouncers_in_transaction_mode(
     monkeypatch.setenv("PGPASSWORD", password)  # the subprocesses' only copy of it
     dsn = no_password_in_argv(bouncer.dsn)
     ok = doctor(dsn, bouncer.admin_dsn, workers=100, max_size=5)
-    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.returncode == exitstatus.OK, ok.stdout + ok.stderr
     assert "DOES NOT FIT: 100 processes x max_size 5" in ok.stdout  # the direct rule
     assert "Through PgBouncer 1." in ok.stdout and "(transaction mode)" in ok.stdout
     assert "OK: 500 client connections fit" in ok.stdout
     assert "OK: PgBouncer's pools fit the server." in ok.stdout
 
     over = doctor(dsn, bouncer.admin_dsn, workers=600, max_size=2)
-    assert over.returncode == 1, over.stdout + over.stderr
+    assert over.returncode == exitstatus.PROBLEM, over.stdout + over.stderr
     assert "DOES NOT FIT: 1200 client connections" in over.stdout
     for result in (ok, over):
         assert password not in result.stdout + result.stderr
@@ -107,7 +107,7 @@ def test_verdict_is_pgbouncers_in_transaction_mode(
 def test_admin_console_refusing_is_no_connection(bouncer: testserver.Server) -> None:
     wrong = make_conninfo(bouncer.admin_dsn, password="not-the-password-x1")
     result = doctor(bouncer.dsn, wrong, workers=1, max_size=1)
-    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.returncode == exitstatus.NO_CONNECTION, result.stdout + result.stderr
     assert "cannot read PgBouncer's admin console (MPPOOL_PGBOUNCER_ADMIN_DSN=" in result.stderr
     assert "not-the-password-x1" not in result.stdout + result.stderr
     assert str(conninfo_to_dict(bouncer.dsn)["password"]) not in result.stdout + result.stderr
