@@ -216,13 +216,21 @@ class SyncDriver(forking.ForkAware):
     def _wait(self, waiter: Waiter, deadline: float, timeout: float) -> Any:
         """Block until the accounting hands `waiter` a connection, or the deadline.
 
-        The waiter sleeps in slices (4 ms, then doubling up to 0.25 s) and,
-        between them, looks around (`Accounting.tick`): a connection the
-        returning thread kept on the stack while this waiter was young, a slot
-        freed by a lost connection's reclaim, an attempt whose thread failed
-        to start. So no missed wake-up can strand it.
+        The waiter sleeps in slices, doubling up to 0.25 s, and between them
+        looks around (`Accounting.tick`): a connection the returning thread
+        kept on the stack while this waiter was young, a slot freed by a lost
+        connection's reclaim, an attempt whose thread failed to start. So no
+        missed wake-up can strand it. The first slice is ``look_after`` (4 ms)
+        for the first in line, the one a connection left on the stack is for;
+        eight times that for the others, whom a hand-off will serve: a look
+        they make before it would only cost a thread wake-up.
         """
         slice_ = self._policy.look_after
+        try:
+            if self._acct.waiters[0] is not waiter.ref:
+                slice_ *= 8
+        except IndexError:
+            pass  # served already
         try:
             while True:
                 remaining = deadline - monotonic()
