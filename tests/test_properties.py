@@ -63,8 +63,9 @@ def run_injected(fn: Callable[[], Any], at: int) -> Any:
         nonlocal count
         if event not in ("call", "c_return"):
             return
-        if not frame.f_code.co_filename.startswith(MPPOOL_DIR):
-            return
+        code = frame.f_code
+        if not code.co_filename.startswith(MPPOOL_DIR) or code.co_name == "__del__":
+            return  # (an exception raised in a finalizer is only printed: CPython's rule)
         count += 1
         if count == at:
             raise Injected
@@ -317,7 +318,14 @@ class PoolMachine(RuleBasedStateMachine):
             problems.append(f"size {size} above max_size {self.max_size}")
         open_conns = [c for c in list(FakeConnection.made) if not c.closed]
         if len(open_conns) != members:
-            problems.append(f"{len(open_conns)} connections open, {members} counted")
+            with pool._lock:
+                counted = {id(m()) for m in pool._acct.members}
+            strays = [c for c in open_conns if id(c) not in counted]
+            holders = [type(r).__name__ for c in strays for r in gc.get_referrers(c)]
+            problems.append(
+                f"{len(open_conns)} connections open, {members} counted; "
+                f"the others are referenced by: {holders}"
+            )
         return problems
 
 
