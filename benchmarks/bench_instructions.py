@@ -1,0 +1,124 @@
+"""Instructions per acquire+release, counted by valgrind: deterministic on a noisy machine.
+
+Times drift with whatever else the machine runs; instruction counts do not. For each
+contestant and usage style, this runs a loop of acquire+release (no query) under
+``valgrind --tool=callgrind`` twice, with N1 and N2 operations, and reports
+``(I(N2) - I(N1)) / (N2 - N1)``: the instructions one operation costs, start-up and
+connecting cancelled out. Instructions are not time (a dict lookup and a system call
+differ), but they are a faithful ruler for Python-level code paths.
+
+Usage::
+
+    PYTHONPATH=. python benchmarks/bench_instructions.py [--dsn DSN] [--n1 2000] [--n2 12000]
+
+Needs valgrind on PATH. Without ``--dsn``, starts a throwaway server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+CASES = [
+    ("mppool", "with"),
+    ("psycopg_pool", "with"),
+    ("mppool", "getput"),
+    ("psycopg_pool", "getput"),
+    ("psycopg2", "getput"),
+]
+
+
+def loop(impl: str, mode: str, n: int, dsn: str) -> None:
+    """The measured program: open a pool of 2, then n acquire+release."""
+    if impl == "psycopg2":
+        import psycopg2.pool  # type: ignore[import-untyped,unused-ignore]
+
+        pool = psycopg2.pool.ThreadedConnectionPool(2, 2, dsn)
+        for conn in [pool.getconn(), pool.getconn()]:
+            conn.autocommit = True
+            pool.putconn(conn)
+    else:
+        if impl == "mppool":
+            import mppool as module
+        else:
+            import psycopg_pool as module  # type: ignore[no-redef]
+        pool = module.ConnectionPool(dsn, min_size=2, open=True, kwargs={"autocommit": True})
+        pool.wait()
+    if mode == "with":
+        acquire = pool.connection
+        for _ in range(n):
+            with acquire():
+                pass
+    else:
+        get, put = pool.getconn, pool.putconn
+        for _ in range(n):
+            put(get())
+    os._exit(0)  # no teardown in the count
+
+
+def count(impl: str, mode: str, n: int, dsn: str) -> int:
+    env = {**os.environ, "MPPOOL_BENCH_DSN": dsn}
+    out = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            __file__,
+            "--run",
+            impl,
+            mode,
+            str(n),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    match = re.search(r"Collected : (\d+)", out.stderr)
+    if match is None:
+        raise RuntimeError(f"no count from valgrind: {out.stderr[-500:]}")
+    return int(match.group(1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--dsn")
+    p.add_argument("--n1", type=int, default=2000)
+    p.add_argument("--n2", type=int, default=12000)
+    p.add_argument("--run", nargs=3, metavar=("IMPL", "MODE", "N"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.run:
+        impl, mode, n = args.run
+        loop(impl, mode, int(n), os.environ["MPPOOL_BENCH_DSN"])
+    if shutil.which("valgrind") is None:
+        print("valgrind is not on PATH", file=sys.stderr)
+        return 1
+    server = None
+    if args.dsn:
+        dsn = args.dsn
+    else:
+        from mppool import testserver
+
+        server = testserver.start_server()
+        dsn = server.dsn
+    try:
+        print("| contestant | usage | instructions per acquire+release |")
+        print("|---|---|---|")
+        for impl, mode in CASES:
+            a = count(impl, mode, args.n1, dsn)
+            b = count(impl, mode, args.n2, dsn)
+            style = "`with pool.connection()`" if mode == "with" else "getconn + putconn"
+            print(f"| {impl} | {style} | {(b - a) // (args.n2 - args.n1):,} |", flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
