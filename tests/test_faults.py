@@ -162,10 +162,14 @@ def test_interrupt_storm_loses_no_capacity(
 
     try:
         with Contenders(pool, 3) as contenders:
-            raised, done = storm_loop(body, 6.0)
+            raised, _ = storm_loop(body, 6.0)
         assert not contenders.errors, contenders.errors[:3]
         assert raised >= 1000, f"only {raised} interrupts"
-        assert done > 0 and contenders.ops > 0
+        # Not `done > 0`: the storm interrupts every wait within 3 ms, and the
+        # contenders may keep all three connections busy longer than that on a
+        # loaded machine. What must hold is that the others go on and, after
+        # the storm, that the whole capacity comes back.
+        assert contenders.ops > 0
         assert_full_capacity(pool, 3)
     finally:
         pool.close()
