@@ -455,7 +455,7 @@ def test_worker_abort_in_a_signal_handler_that_interrupted_the_pool(dsn: str, pg
 
     def child() -> tuple[bool, bool]:
         pool = ConnectionPool(dsn, min_size=1, open=True)
-        pool.wait(10)
+        pool.wait(30)  # a loaded machine can take seconds for one TLS connection
         signal.signal(signal.SIGUSR1, lambda *a: gunicorn.worker_abort(object()))
         with pool._lock:  # what the signal interrupts: a checkout, say
             signal.raise_signal(signal.SIGUSR1)
@@ -463,5 +463,5 @@ def test_worker_abort_in_a_signal_handler_that_interrupted_the_pool(dsn: str, pg
         wait_until(lambda: pool.closed, timeout=10, what="the pool to close")
         return closed_in_handler, pool.closed
 
-    assert in_child(child, timeout=20) == (False, True)
+    assert in_child(child, timeout=60) == (False, True)
     pg.wait_count(0)
