@@ -431,6 +431,11 @@ def session_members(sid: int) -> list[int]:
     return members
 
 
+def _default_interrupts() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 @pytest.mark.parametrize(
@@ -452,6 +457,10 @@ def test_interrupt_stops_everything(
             stdout=subprocess.PIPE,
             stderr=err,
             text=True,
+            # As from a terminal: a shell without job control starts background
+            # commands (`.ci/run &`) with SIGINT ignored, and the demo, like any
+            # program run under nohup, leaves an ignored signal ignored.
+            preexec_fn=_default_interrupts,
         )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=read_lines, args=(proc.stdout, lines), daemon=True).start()
