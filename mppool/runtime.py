@@ -51,7 +51,9 @@ __all__ = [
     "ProcessRecord",
     "PublishedRecord",
     "Unsupported",
+    "count_locked",
     "lock_held",
+    "locked_range",
     "read_records",
     "runtime_dir",
     "set_role",
@@ -108,11 +110,12 @@ def runtime_dir(directory: str | os.PathLike[str] | None = None, create: bool = 
         path = (base or Path(tempfile.gettempdir())) / name
     else:
         path = Path(directory)
-    if create and not path.is_dir():
+    if create:
         try:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not path.is_dir():  # raises if a parent is not ours to enter
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
-            raise OSError(
+            raise type(exc)(
                 exc.errno,
                 f"cannot create mppool's runtime directory {str(path)!r}: {exc.strerror}; "
                 f"set {ENV_DIR} to a directory every process of the application can write",
@@ -155,9 +158,44 @@ def unlock(fd: int, start: int, length: int = 1) -> None:
 
 def lock_held(fd: int, start: int, length: int = 1) -> bool:
     """True if another open file description holds a lock on those bytes."""
+    return locked_range(fd, start, length) is not None
+
+
+def locked_range(fd: int, start: int, length: int = 1) -> tuple[int, int] | None:
+    """(start, end) of one lock another open file description holds on those bytes, or None.
+
+    The kernel reports one conflicting lock, not necessarily the first; its
+    range may reach beyond the bytes asked about (adjacent locks of one owner
+    are merged).
+    """
     _require()
     got = fcntl.fcntl(fd, _F_OFD_GETLK, _flock(_F_WRLCK, start, length))  # type: ignore[arg-type]
-    return bool(struct.unpack(_FLOCK, got)[0] != _F_UNLCK)
+    kind, _, lock_start, lock_len, _ = struct.unpack(_FLOCK, got)
+    if kind == _F_UNLCK:
+        return None
+    return lock_start, (lock_start + lock_len if lock_len else start + length)
+
+
+def count_locked(fd: int, start: int, length: int) -> int:
+    """How many of bytes [start, start+length) other open file descriptions lock.
+
+    About two ``fcntl`` calls per locked range: the kernel answers one
+    conflicting lock at a time, so the range is split around each.
+    """
+    found = 0
+    todo = [(start, start + length)]
+    while todo:
+        low, high = todo.pop()
+        if low >= high:
+            continue
+        got = locked_range(fd, low, high - low)
+        if got is None:
+            continue
+        lock_low, lock_high = max(low, got[0]), min(high, got[1])
+        found += lock_high - lock_low
+        todo.append((low, lock_low))
+        todo.append((lock_high, high))
+    return found
 
 
 # -- this process's record -------------------------------------------------------

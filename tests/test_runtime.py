@@ -133,3 +133,20 @@ def test_records_removed_at_clean_exit(tmp_path: Path) -> None:
 
     assert in_child(child) is False
     wait_until(lambda: not list(tmp_path.glob("proc-*.rec")), what="no record left")
+
+
+def test_count_locked_counts_other_descriptions_bytes_merged_or_not(tmp_path: Path) -> None:
+    path = tmp_path / "locks"
+    path.write_bytes(b"")
+    mine, theirs, probe = (os.open(path, os.O_RDWR) for _ in range(3))
+    try:
+        for byte in (3, 4, 5, 9):  # 3..5 merge into one lock of 3 bytes
+            assert runtime.try_lock(theirs, byte)
+        assert runtime.try_lock(mine, 7)
+        assert runtime.count_locked(probe, 0, 20) == 5
+        assert runtime.count_locked(mine, 0, 20) == 4  # its own lock is not "another's"
+        assert runtime.count_locked(probe, 4, 5) == 3  # 4, 5 and 7: ranges clipped
+        assert runtime.locked_range(probe, 10, 5) is None
+    finally:
+        for fd in (mine, theirs, probe):
+            os.close(fd)
