@@ -31,11 +31,20 @@ import os
 import platform
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any, Protocol
 
 logger = logging.getLogger("mppool")
 
-__all__ = ["ALIVE", "ForkAware", "live_pools", "neutralise", "rebuild", "register"]
+__all__ = [
+    "ALIVE",
+    "ForkAware",
+    "add_fork_hooks",
+    "live_pools",
+    "neutralise",
+    "rebuild",
+    "register",
+]
 
 getpid = os.getpid
 
@@ -95,6 +104,29 @@ _orphans: weakref.WeakSet[Any] = weakref.WeakSet()
 _held: list[Any] = []
 _rebuild_locks: dict[int, threading.Lock] = {}  # one per process: a lock copied by a
 # fork may be held by a thread the child does not have
+
+
+_hooks: list[tuple[Callable[[], None], Callable[[], None], Callable[[], None]]] = []
+
+
+def add_fork_hooks(
+    before: Callable[[], None],
+    after_in_parent: Callable[[], None],
+    after_in_child: Callable[[], None],
+) -> None:
+    """Run these around every fork, with the pools' own: `before` first, before the
+    pools' locks are taken (to stop a thread that may need them),
+    `after_in_parent` last, `after_in_child` before the pools are rebuilt (also
+    when `rebuild` does it, for a fork that ran no callback)."""
+    _hooks.append((before, after_in_parent, after_in_child))
+
+
+def _run_hooks(which: int) -> None:
+    for hooks in _hooks:
+        try:
+            hooks[which]()
+        except Exception:  # a fork must go on whatever a hook does
+            logger.exception("mppool: a fork hook failed")
 
 
 def register(pool: _Member) -> None:
@@ -168,6 +200,7 @@ def rebuild() -> None:
             return  # another thread of this child did it
         pid = getpid()
         _registry_lock = threading.Lock()
+        _run_hooks(2)
         pools = [pool for pool in live_pools() if pool._pid != pid]
         if pools:
             logger.info("mppool: forked without fork callbacks: rebuilding %d pool(s)", len(pools))
@@ -177,6 +210,7 @@ def rebuild() -> None:
 
 
 def _before() -> None:
+    _run_hooks(0)
     _registry_lock.acquire()
     pools = live_pools()
     for pool in pools:
@@ -190,6 +224,7 @@ def _after_in_parent() -> None:
     for pool in reversed(pools):
         pool._fork_release()
     _registry_lock.release()
+    _run_hooks(1)
 
 
 def _after_in_child() -> None:
@@ -197,6 +232,7 @@ def _after_in_child() -> None:
     pools = list(_held)
     _held.clear()
     _registry_lock = threading.Lock()
+    _run_hooks(2)
     for pool in pools:
         _reinit(pool)
     ALIVE[0] = 1
