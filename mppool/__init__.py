@@ -8,6 +8,7 @@ The API is psycopg_pool's (`ConnectionPool`, `NullConnectionPool`) and
 psycopg2.pool's, so adopting mppool is a change of import.
 """
 
+from .budget import HostBudget
 from .errors import PoolClosed, PoolError, PoolMisuse, PoolTimeout, TooManyRequests
 from .null_pool import NullConnectionPool
 from .pool import ConnectionPool
@@ -21,6 +22,7 @@ from .psycopg2_pool import (
 __all__ = [
     "AbstractConnectionPool",
     "ConnectionPool",
+    "HostBudget",
     "NullConnectionPool",
     "PersistentConnectionPool",
     "PoolClosed",

@@ -48,6 +48,12 @@ Invariants (checked by `problems`, after `reap`, by the property-based test)
 7. A closed pool holds no idle connection, no attempt and no waiter.
 8. Closing a connection never happens here: it goes to `Effects.close`, and
    the driver closes it after releasing its lock.
+9. Under a host budget (`budgeted`), every member's connection carries a
+   held slot (``conn._mppool_slot``, see `mppool.budget`), and so does every
+   attempt until it connects (``Attempt.slot``): the slots this process holds
+   are exactly its members' and its connecting attempts'. A slot goes with the
+   object that carries it: released by the driver after it closes a dropped
+   connection, or when the connection (or attempt) is collected.
 
 Interrupted anywhere
 --------------------
@@ -127,13 +133,15 @@ class Attempt:
     """The token of one connection being opened; whoever opens it holds it.
 
     Dropping it without reporting the outcome (an exception in the middle of
-    connecting) frees its place through the graveyard.
+    connecting) frees its place through the graveyard, and its budget slot
+    (``slot``, if it took one) with it.
     """
 
-    __slots__ = ("__weakref__", "ref")
+    __slots__ = ("__weakref__", "ref", "slot")
 
     def __init__(self) -> None:
         self.ref: AttemptRef | None = None
+        self.slot: Any = None
 
     @property
     def disowned(self) -> bool:
@@ -204,16 +212,17 @@ class Policy:
 class Effects:
     """What the driver must do once it released its lock."""
 
-    __slots__ = ("close", "logs", "lost", "start")
+    __slots__ = ("chores", "close", "logs", "lost", "start")
 
     def __init__(self) -> None:
         self.close: list[Any] = []  # connections to close
         self.start: list[Attempt] = []  # background attempts to run
         self.logs: list[tuple[int, str, tuple[Any, ...]]] = []  # (level, msg, args)
         self.lost = 0  # lent connections reclaimed from the graveyard
+        self.chores = False  # the return path did chores: the driver may add its own
 
     def __bool__(self) -> bool:
-        return bool(self.close or self.start or self.logs)
+        return bool(self.close or self.start or self.logs or self.chores)
 
 
 class Accounting:
@@ -249,7 +258,10 @@ class Accounting:
         self.closed = True
         self.primed = False  # keep min_size: set by open, unset by disconnect and fork
         self.refill_due = False  # grow to min_size at the next return's chores
+        self.refill_at = 0.0  # ... not before then (a refill the budget deferred)
         self.chores_at = 0.0  # the return path takes the slow way from then on
+        self.chores_every = INFINITY  # at least this often (a host budget's checks)
+        self.budgeted = False  # members hold slots of a host budget (invariant 9)
 
         self.last_error: str | None = None  # the last connection error, password masked
         self.reset_counters()
@@ -384,6 +396,7 @@ class Accounting:
         if not self._end_attempt(attempt):
             return False
         self.adopt(conn, now)
+        attempt.slot = None  # the connection carries it now
         return True
 
     def adopt(self, conn: Any, now: float) -> None:
@@ -514,15 +527,95 @@ class Accounting:
         """
         if self.graveyard:
             self.reap(fx)
-        if self.refill_due:
-            self.refill_due = False
-            self.grow(fx)
+        if self.refill_due and now >= self.refill_at:
+            self.resume_refill(fx)
         idle = self.idle
         shrink_at = (idle[0]._mppool.idle_since if idle else now) + self.max_idle
         if idle and self.size > self.min_size and now >= shrink_at:
             self.drop(idle.pop(0), fx)
             shrink_at = now + self.max_idle
-        self.chores_at = 0.0 if self.max_size and self.size > self.max_size else shrink_at
+        fx.chores = True
+        if self.max_size and self.size > self.max_size:
+            self.chores_at = 0.0
+        else:
+            due = min(shrink_at, now + self.chores_every)
+            self.chores_at = min(due, self.refill_at) if self.refill_due else due
+
+    # -- a host budget ---------------------------------------------------------
+
+    def slot_need(self, attempt: Attempt) -> int:
+        """What a slot for `attempt` is for: 2 a client waits (it is one, or one is
+        queued), 1 a refill to ``min_size``, 0 nothing any more (closed,
+        disowned, or served meanwhile: a returned connection went to the waiter).
+        """
+        ref = attempt.ref
+        if ref is None or ref.owner is not self or ref.settling or self.closed:
+            return 0
+        if ref in self.inline:
+            return 2
+        base = len(self.members) + len(self.inline) + len(self.waiters)
+        if self.size <= base:
+            return 2
+        if self.primed and self.policy.refill and self.size <= self.min_size:
+            return 1
+        return 0
+
+    def attempt_unneeded(self, attempt: Attempt) -> None:
+        """A background attempt no longer needed (see `slot_need`) ends, opening nothing."""
+        self._end_attempt(attempt)
+
+    def defer_refill(self, attempt: Attempt, now: float, retry: float) -> None:
+        """A refill attempt found the budget wanted by others: end it, refill later.
+
+        Not before `retry` seconds, at a return's chores, or when the budget's
+        watcher finds nobody waiting (`resume_refill`).
+        """
+        self._end_attempt(attempt)
+        self.primed = False
+        self.refill_due = True
+        self.refill_at = now + retry
+        self.chores_at = min(self.chores_at, self.refill_at)
+
+    def resume_refill(self, fx: Effects) -> None:
+        """Refill to ``min_size`` now (a deferred refill, or the first return's)."""
+        self.refill_due = False
+        if self.policy.refill and not self.closed:
+            self.primed = True
+        self.grow(fx)
+
+    def yield_idle(self, now: float, grace: float, retry: float, fx: Effects) -> int:
+        """Close the connections idle for `grace` seconds or more, oldest first (another
+        process wants their slots); refill no sooner than `retry` seconds from
+        now. How many were closed."""
+        idle = self.idle
+        closed = 0
+        while idle and now - idle[0]._mppool.idle_since >= grace:
+            self.drop(idle.pop(0), fx)
+            closed += 1
+        if closed and self.policy.refill and self.primed:
+            self.primed = False
+            self.refill_due = True
+            self.refill_at = now + retry
+            self.chores_at = min(self.chores_at, self.refill_at)
+        return closed
+
+    def shed(self, count: int, fx: Effects) -> int:
+        """Give up `count` slots (this process is above its fair share): idle
+        connections now, then lent ones as they come back. Lent connections
+        already marked count. How many are on their way out."""
+        done = 0
+        idle = self.idle
+        while idle and done < count:
+            self.drop(idle.pop(0), fx)
+            done += 1
+        for member in self.members:
+            if done >= count:
+                break
+            if member.lent_at is not None:
+                if member.expires > 0.0:
+                    member.expires = 0.0  # closed when it comes back
+                done += 1
+        return done
 
     # -- growing -------------------------------------------------------------
 
@@ -689,4 +782,10 @@ class Accounting:
             want = min(want, self.max_size)
         if not self.closed and self.size < want:
             found.append(f"the pool wants {want} connections and has or opens {self.size}")
+        if self.budgeted:
+            for member in self.members:
+                conn = member()
+                slot = getattr(conn, "_mppool_slot", None)
+                if conn is not None and (slot is None or not slot.held):
+                    found.append(f"member {conn!r} holds no budget slot")
         return found

@@ -17,13 +17,19 @@ import _thread
 import logging
 import random
 import threading
+import time
+import weakref
 from time import monotonic
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import forking
 from .accounting import Accounting, Attempt, Effects, Policy
+from .budget import POLL_FIRST, POLL_MAX, RESCAN
 from .errors import PoolClosed, PoolTimeout
 from .opener import Opener
+
+if TYPE_CHECKING:
+    from .budget import HostBudget, Slot
 
 __all__ = ["SyncDriver"]
 
@@ -36,6 +42,11 @@ JITTER = 0.1
 
 MAX_TICK = 0.25
 """Longest a waiter sleeps before looking around again (see `SyncDriver._wait`)."""
+
+BUDGET_CHORES = 0.05
+"""Under a host budget, a pool's returns check the budget at least this often."""
+REFILL_RETRY = 0.5
+"""A refill to min_size that a host budget deferred is retried no sooner than this."""
 
 
 class Waiter:
@@ -66,6 +77,7 @@ class SyncDriver(forking.ForkAware):
     _changed: threading.Condition
     _opener: Opener
     _cancel: threading.Event
+    _budget: HostBudget | None = None
 
     def _new_driver(self, acct: Accounting, lock: Any) -> None:
         """Fresh driver state around `acct` (at creation, and in a forked child)."""
@@ -74,6 +86,24 @@ class SyncDriver(forking.ForkAware):
         self._acct = acct
         self._cancel = threading.Event()  # set to cut short disowned attempts' backoff
         self._opener = Opener(self._run_attempt, self.name, self.num_workers)
+        # This pool's attempts waiting for a budget slot now (for timeout messages).
+        self._slot_waits: weakref.WeakSet[Any] = weakref.WeakSet()
+        if self._budget is not None:
+            acct.budgeted = True
+            acct.chores_every = BUDGET_CHORES
+
+    def _set_budget(self, budget: HostBudget | None) -> None:
+        """Put the pool under `budget` (at creation, before `_new_driver`)."""
+        if budget is None:
+            return
+        from .budget import HostBudget
+
+        if not isinstance(budget, HostBudget):
+            raise TypeError(
+                f"budget must be a mppool.HostBudget, got {type(budget).__name__}: "
+                "create one with mppool.HostBudget(name, limit)"
+            )
+        self._budget = budget
 
     # -- what subclasses provide --------------------------------------------
 
@@ -89,6 +119,8 @@ class SyncDriver(forking.ForkAware):
         return PoolClosed(f"the pool {self.name!r} is closed")
 
     def _timeout_error(self, timeout: float, last_error: str | None) -> PoolTimeout:
+        if self._budget_blocked():
+            return self._budget_timeout(timeout)
         last = f"; last connection error: {last_error}" if last_error else ""
         return PoolTimeout(
             f"couldn't get a connection from pool {self.name!r} after {timeout:.2f} sec{last}"
@@ -112,6 +144,9 @@ class SyncDriver(forking.ForkAware):
             self._opener.ensure()
         for conn in fx.close:
             close_quietly(conn)
+        if fx.chores and self._budget is not None:
+            fx.chores = False
+            self._budget_chores()
         if fx.lost:
             logger.warning(
                 "pool %r: %d lent connection(s) lost by their borrower (nothing references "
@@ -125,8 +160,11 @@ class SyncDriver(forking.ForkAware):
 
     # -- connecting ------------------------------------------------------------
 
-    def _open_connection(self, timeout: float | None) -> Any:
-        """Connect, and count the outcome; raises what connecting raised."""
+    def _open_connection(self, timeout: float | None, attempt: Attempt | None = None) -> Any:
+        """Connect, and count the outcome; raises what connecting raised.
+
+        The budget slot `attempt` holds, if any, goes with the new connection.
+        """
         started = monotonic()
         try:
             conn = self._new_connection(timeout)
@@ -135,12 +173,14 @@ class SyncDriver(forking.ForkAware):
                 self._acct.connected(monotonic() - started, str(exc).strip() or repr(exc))
                 self._changed.notify_all()
             raise
+        if attempt is not None and attempt.slot is not None:
+            carry_slot(conn, attempt.slot)
         with self._lock:
             self._acct.connected(monotonic() - started, None)
         return conn
 
     def _end_attempt(self, attempt: Attempt, gave_up: bool = False) -> None:
-        """`attempt` made no connection: free its place."""
+        """`attempt` made no connection: free its place (and its budget slot)."""
         fx = Effects()
         with self._lock:
             acct = self._acct
@@ -148,7 +188,181 @@ class SyncDriver(forking.ForkAware):
                 acct.primed = False  # the next client makes the pool try again
             acct.attempt_failed(attempt, fx)
             self._changed.notify_all()
+        drop_slot(attempt)
         self._apply(fx)
+
+    # -- a host budget ------------------------------------------------------------
+
+    def _acquire_slot(self, attempt: Attempt, deadline: float | None, plain: bool = False) -> str:
+        """Take a budget slot for `attempt`, waiting outside the lock, polling.
+
+        Returns ``"ok"`` (then ``attempt.slot`` holds it), ``"timeout"``
+        (`deadline` passed), ``"unneeded"`` (the pool no longer wants the
+        attempt: closed, or its client was served another way) or ``"deferred"``
+        (a refill to min_size, and other processes wait: not now).
+
+        A background attempt (`deadline` None) waits as long as the pool needs
+        it; a client's, until its deadline; a `plain` one (a token the
+        accounting does not count: a connection the pool opens outside its
+        accounting) until its deadline or the pool's close. Waiting, the process raises the
+        budget's *waiting* signal, which makes other processes give up idle
+        connections (and those above their share, busy ones as they come back).
+        """
+        assert self._budget is not None
+        try:
+            handle = self._budget._handle()
+        except Exception as exc:  # cannot open the budget: a connection error
+            with self._lock:
+                self._acct.connected(0.0, str(exc))
+            raise
+        handle.pools.add(self)
+        handle.min_sizes[self] = self._acct.min_size
+        cancel = self._cancel
+        token = None
+        delay = POLL_FIRST
+        seen = -1
+        tried_at = 0.0
+        try:
+            while True:
+                if plain:
+                    need = 0 if cancel.is_set() else 2
+                else:
+                    with self._lock:
+                        need = self._acct.slot_need(attempt)
+                if need == 0:
+                    return "unneeded"
+                now = monotonic()
+                generation = handle.generation()
+                if generation != seen or now - tried_at >= RESCAN:
+                    seen, tried_at = generation, now
+                    slot = handle.try_take(urgent=need == 2)
+                    if slot is not None:
+                        attempt.slot = slot
+                        return "ok"
+                if need == 1:
+                    return "deferred"
+                if deadline is not None and now >= deadline:
+                    return "timeout"
+                if token is None:
+                    token = handle.wait_begin()
+                    self._slot_waits.add(token)
+                else:
+                    handle.wait_update(token)
+                pause = delay if deadline is None else min(delay, deadline - now)
+                # A plain sleep: a signal handler's exception in a Condition's wait
+                # can leave it broken ("release unlocked lock").
+                time.sleep(max(0.0, pause))
+                delay = min(delay * 2.0, POLL_MAX)
+        finally:
+            if token is not None:
+                handle.wait_end(token)
+
+    def _plain_slot(self, deadline: float, timeout: float) -> Attempt:
+        """A token holding a budget slot, for a connection the pool opens outside its
+        accounting (and adopts, or closes, itself); PoolTimeout by `deadline`,
+        PoolClosed if the pool closes meanwhile."""
+        holder = Attempt()
+        outcome = self._acquire_slot(holder, deadline, plain=True)
+        if outcome == "timeout":
+            raise self._budget_timeout(timeout)
+        if outcome != "ok":
+            raise self._closed_error()
+        return holder
+
+    def _no_slot(self, attempt: Attempt, outcome: str) -> None:
+        """A background attempt that got no slot ends, without counting as a failure."""
+        fx = Effects()
+        with self._lock:
+            acct = self._acct
+            if outcome == "deferred":
+                acct.defer_refill(attempt, monotonic(), REFILL_RETRY)
+            else:
+                acct.attempt_unneeded(attempt)
+            self._changed.notify_all()
+        drop_slot(attempt)
+        self._apply(fx)
+        if outcome == "deferred" and self._budget is not None:
+            self._budget._handle().watch()  # it refills once nobody waits
+
+    def _budget_timeout(self, timeout: float) -> PoolTimeout:
+        assert self._budget is not None
+        return PoolTimeout(
+            f"couldn't get a connection from pool {self.name!r} after {timeout:.2f} sec: "
+            f"{self._budget_text()}"
+        )
+
+    def _budget_text(self) -> str:
+        from .budget import describe_use
+
+        assert self._budget is not None
+        try:
+            return describe_use(self._budget) + (
+                "; raise the limit, lower max_size in the processes holding most, "
+                "or give this checkout a longer timeout"
+            )
+        except Exception as exc:  # a message must come out whatever happens
+            return f"the host budget {self._budget.name!r} is in use ({exc})"
+
+    def _budget_blocked(self) -> bool:
+        """True if this pool waits for a budget slot, or the budget is used up."""
+        budget = self._budget
+        if budget is None:
+            return False
+        if len(self._slot_waits):
+            return True
+        try:
+            return budget.used() >= budget.limit
+        except Exception:
+            return False
+
+    def _budget_watched(self) -> bool:
+        """True while the budget's watcher has something to do for this pool: idle
+        connections to give up, or a deferred refill to resume."""
+        with self._lock:
+            acct = self._acct
+            return not acct.closed and (bool(acct.idle) or acct.refill_due)
+
+    def _budget_tick(
+        self, others_wait: bool, excess: int, room: bool, now: float
+    ) -> tuple[bool, int]:
+        """The budget's look at this pool (from its watcher, or a return's chores).
+
+        `others_wait`: another process waits for a slot: close connections idle
+        for `mppool.budget.IDLE_GRACE`, and defer refills; nobody does and
+        there is `room` (a free slot): resume a deferred refill. `excess`:
+        slots this process holds above its fair share while another is
+        starved: give that many up. Returns (something left to watch, slots
+        given up).
+        """
+        from .budget import IDLE_GRACE
+
+        fx = Effects()
+        with self._lock:
+            acct = self._acct
+            if acct.closed or not _forking_alive():
+                return False, 0
+            shed = acct.shed(excess, fx) if excess > 0 else 0
+            if others_wait:
+                acct.yield_idle(now, IDLE_GRACE, REFILL_RETRY, fx)
+            elif acct.refill_due and room:
+                acct.resume_refill(fx)
+            watch = bool(acct.idle) or acct.refill_due
+        self._apply(fx)
+        return watch, shed
+
+    def _budget_chores(self) -> None:
+        """A return's chores, under a budget: give up what other processes want."""
+        assert self._budget is not None
+        try:
+            handle = self._budget._handle()
+            handle.sync_if_dirty()
+            others_wait = handle.others_waiting()
+            room = not others_wait and handle.used() < handle.limit
+            watch, _ = self._budget_tick(others_wait, handle.excess(), room, monotonic())
+            if watch:
+                handle.watch()
+        except Exception as exc:  # a return must not fail for the budget's chores
+            logger.debug("pool %r: budget chores failed: %s", self.name, exc)
 
     def _run_attempt(self, attempt: Attempt) -> None:
         """Open one connection in the background, retrying with exponential backoff.
@@ -165,8 +379,14 @@ class SyncDriver(forking.ForkAware):
         bound = self._connect_bound()
         while not attempt.disowned:
             try:
-                conn = self._open_connection(bound)
+                if self._budget is not None and attempt.slot is None:
+                    outcome = self._acquire_slot(attempt, None)
+                    if outcome != "ok":
+                        self._no_slot(attempt, outcome)
+                        return
+                conn = self._open_connection(bound, attempt)
             except BaseException:
+                drop_slot(attempt)  # others may use it while this one backs off
                 logger.warning(
                     "pool %r: connection attempt failed: %s", self.name, self._acct.last_error
                 )
@@ -191,6 +411,8 @@ class SyncDriver(forking.ForkAware):
                     fx.close.append(conn)  # disowned meanwhile
                 self._changed.notify_all()
             self._apply(fx)
+            if self._budget is not None:
+                self._budget._handle().watch()
             return
         self._end_attempt(attempt)
 
@@ -315,6 +537,8 @@ class SyncDriver(forking.ForkAware):
         cancel.set()
         self._apply(fx)
         self._opener.join(timeout)
+        if timeout > 0:  # not from a signal handler: other pools' locks may be held
+            self._budget_settle(min(timeout, 1.0))
 
     def _disconnect_driver(self, timeout: float) -> None:
         """Close every connection, stay open; wait up to `timeout` for attempts to settle."""
@@ -332,6 +556,28 @@ class SyncDriver(forking.ForkAware):
                     if remaining <= 0:
                         break
                     self._changed.wait(remaining)
+            self._budget_settle(min(timeout, 1.0))
+
+    def _budget_settle(self, timeout: float) -> None:
+        """Stop the budget's watcher thread if nothing is left for it to watch."""
+        budget = self._budget
+        if budget is None:
+            return
+        try:
+            budget._handle().settle(timeout)
+        except Exception as exc:
+            logger.debug("pool %r: stopping the budget watcher failed: %s", self.name, exc)
+
+    def _budget_stats(self) -> dict[str, int]:
+        """``budget_limit`` and ``budget_used`` (host-wide) for `get_stats`."""
+        budget = self._budget
+        assert budget is not None
+        stats = {"budget_limit": budget.limit}
+        try:
+            stats["budget_used"] = budget.used()
+        except OSError as exc:  # the budget cannot be opened here: say so in the logs
+            logger.warning("pool %r: cannot read the host budget: %s", self.name, exc)
+        return stats
 
     def _inherited_connections(self) -> list[Any]:
         """Every connection the accounting knows of (in a child: to neutralise)."""
@@ -349,7 +595,33 @@ def lent_by(conn: Any, pool: Any, stamp: Any = None) -> bool:
 
 
 def close_quietly(conn: Any) -> None:
+    """Close a pool's connection, then give back its budget slot, if it has one."""
     try:
         conn.close()
     except Exception as exc:
         logger.debug("mppool: error closing a connection: %s", exc)
+    slot = getattr(conn, "_mppool_slot", None)
+    if slot is not None:
+        slot.release()
+
+
+def carry_slot(conn: Any, slot: Slot) -> None:
+    """`conn` was opened under `slot`: it carries the slot from now on.
+
+    The slot keeps the connection's libpq handle, so that releasing it (or
+    collecting it, with the connection) finishes the server connection first.
+    """
+    slot.pgconn = getattr(conn, "pgconn", None)
+    conn._mppool_slot = slot
+
+
+def drop_slot(attempt: Attempt) -> None:
+    """Release the slot `attempt` holds for a connection it did not make."""
+    slot = attempt.slot
+    if slot is not None:
+        attempt.slot = None
+        slot.release()
+
+
+def _forking_alive() -> bool:
+    return bool(forking.ALIVE[0])

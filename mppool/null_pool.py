@@ -8,11 +8,13 @@ that many connections exist at once and further clients queue.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from time import monotonic
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from .accounting import Policy
+from .driver import close_quietly, drop_slot
 from .errors import PoolTimeout
 from .pool import (
     _DEFAULT_CLASS,
@@ -22,6 +24,9 @@ from .pool import (
     ConninfoParam,
     KwargsParam,
 )
+
+if TYPE_CHECKING:
+    from .budget import HostBudget
 
 __all__ = ["NullConnectionPool"]
 
@@ -58,6 +63,7 @@ class NullConnectionPool(ConnectionPool[CT]):
         reconnect_timeout: float = 5 * 60.0,
         reconnect_failed: Callable[[ConnectionPool[Any]], None] | None = None,
         num_workers: int = 3,
+        budget: HostBudget | None = None,
     ):
         super().__init__(
             conninfo,
@@ -78,6 +84,7 @@ class NullConnectionPool(ConnectionPool[CT]):
             reconnect_timeout=reconnect_timeout,
             reconnect_failed=reconnect_failed,
             num_workers=num_workers,
+            budget=budget,
         )
 
     @staticmethod
@@ -111,14 +118,20 @@ class NullConnectionPool(ConnectionPool[CT]):
         self._raise_if_closed()
         if self._warn_open:
             self._warn_implicit_open(stacklevel=3)
+        deadline = monotonic() + timeout
+        holder = self._plain_slot(deadline, timeout) if self._budget is not None else None
         try:
-            conn = self._open_connection(timeout)
+            conn = self._open_connection(max(0.0, deadline - monotonic()), holder)
         except Exception:
+            if holder is not None:
+                drop_slot(holder)
             raise PoolTimeout(
                 f"pool {self.name!r} could not connect within {timeout} sec: "
                 f"{self._acct.last_error}"
             ) from None
-        conn.close()
+        if holder is not None:
+            holder.slot = None  # the connection carries it
+        close_quietly(conn)
 
     def check(self) -> None:
         """Nothing to check: a null pool holds no idle connection."""

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 from time import monotonic
 from types import TracebackType
-from typing import Any, Generic, cast, overload
+from typing import TYPE_CHECKING, Any, Generic, cast, overload
 
 import psycopg
 from psycopg import Connection
@@ -38,6 +38,9 @@ from .affinity import ThreadSlots
 from .connector import Connector, background_connect_timeout
 from .driver import MAX_TICK, SyncDriver, Waiter, lent_by
 from .errors import PoolClosed, PoolMisuse, PoolTimeout, TooManyRequests
+
+if TYPE_CHECKING:
+    from .budget import HostBudget
 
 if sys.version_info >= (3, 13):
     from typing import TypeVar
@@ -168,6 +171,11 @@ class ConnectionPool(SyncDriver, Generic[CT]):
             attempt gives up after ``connect_timeout`` if the connection
             arguments set one, else after a third of ``timeout`` (2 to 10 s),
             and counts as failed (retried with backoff as any failure).
+        budget: a `mppool.HostBudget` the pool's connections count against,
+            with those of every pool of every process on the host sharing it.
+            A checkout that needs a new connection while the budget is used up
+            waits for a slot within its ``timeout``; idle connections are
+            given up while other processes wait (see the budget guide).
     """
 
     _policy = Policy(idle_cap=None, inline="empty", refill=True)
@@ -193,6 +201,7 @@ class ConnectionPool(SyncDriver, Generic[CT]):
         reconnect_timeout: float = 5 * 60.0,
         reconnect_failed: Callable[[ConnectionPool[Any]], None] | None = None,
         num_workers: int = 3,
+        budget: HostBudget | None = None,
     ): ...
 
     @overload
@@ -217,6 +226,7 @@ class ConnectionPool(SyncDriver, Generic[CT]):
         reconnect_timeout: float = 5 * 60.0,
         reconnect_failed: Callable[[ConnectionPool[Any]], None] | None = None,
         num_workers: int = 3,
+        budget: HostBudget | None = None,
     ): ...
 
     def __init__(
@@ -240,6 +250,7 @@ class ConnectionPool(SyncDriver, Generic[CT]):
         reconnect_timeout: float = 5 * 60.0,
         reconnect_failed: Callable[[ConnectionPool[Any]], None] | None = None,
         num_workers: int = 3,
+        budget: HostBudget | None = None,
     ):
         min_size, max_size = self._check_size(min_size, max_size)
         if num_workers < 1:
@@ -263,6 +274,7 @@ class ConnectionPool(SyncDriver, Generic[CT]):
         self._reset = reset
         self._reconnect_failed = reconnect_failed
         self._warn_open = open is None  # psycopg_pool's deprecation, owed on first use
+        self._set_budget(budget)
         self._new_state(opened=False)
         self._register_fork_aware()
         if open is None or open:
@@ -510,7 +522,7 @@ class ConnectionPool(SyncDriver, Generic[CT]):
                 self._apply(fx)
         if attempt is not None:
             try:
-                return self._connect_inline(attempt, deadline)
+                return self._connect_inline(attempt, deadline, timeout)
             except Exception as exc:
                 self._inline_failed(exc, timeout)
             with self._lock:
@@ -540,16 +552,24 @@ class ConnectionPool(SyncDriver, Generic[CT]):
     def _inline_failed(self, exc: Exception, timeout: float) -> None:
         """Connecting for a client in its thread failed: queue it (the background retries)."""
 
-    def _connect_inline(self, attempt: Attempt, deadline: float) -> CT:
+    def _connect_inline(self, attempt: Attempt, deadline: float, timeout: float) -> CT:
         """Open a connection for the caller, in its thread; raises what connecting raised.
 
         Used by `ConnectionPool` when nothing could free up sooner (an empty
         pool: new, forked, disconnected); refilling to min_size then waits for
         the first return, so that it does not compete with this first query
-        for the CPU.
+        for the CPU. Under a host budget, it first waits for a slot until
+        `deadline` (`PoolTimeout` then).
         """
         try:
-            conn = self._open_connection(deadline - monotonic())
+            if self._budget is not None:
+                outcome = self._acquire_slot(attempt, deadline)
+                if outcome == "timeout":
+                    raise self._budget_timeout(timeout)
+                if outcome != "ok":
+                    self._raise_if_closed()
+                    raise PoolClosed(f"the pool {self.name!r} was closed while connecting")
+            conn = self._open_connection(deadline - monotonic(), attempt)
         except BaseException:
             self._end_attempt(attempt)
             raise
@@ -829,10 +849,18 @@ class ConnectionPool(SyncDriver, Generic[CT]):
             conn.autocommit = False
 
     def get_stats(self) -> dict[str, int]:
-        """The pool's figures: the four ``pool_*`` always, counters when not zero."""
+        """The pool's figures: the four ``pool_*`` always, counters when not zero.
+
+        With a budget, also ``budget_limit`` and ``budget_used``: the slots
+        every process on the host holds now (server connections open or being
+        opened under the budget).
+        """
         self._guard()
         with self._lock:
-            return self._acct.stats()
+            stats = self._acct.stats()
+        if self._budget is not None:
+            stats.update(self._budget_stats())
+        return stats
 
     def pop_stats(self) -> dict[str, int]:
         """Like `get_stats`, then reset the counters."""
@@ -840,6 +868,8 @@ class ConnectionPool(SyncDriver, Generic[CT]):
         with self._lock:
             stats = self._acct.stats()
             self._acct.reset_counters()
+        if self._budget is not None:
+            stats.update(self._budget_stats())
         return stats
 
     def __enter__(self) -> ConnectionPool[CT]:

@@ -39,7 +39,7 @@ import threading
 from collections.abc import Hashable
 from time import monotonic
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import psycopg
 from psycopg import Connection
@@ -48,8 +48,11 @@ from psycopg.pq import TransactionStatus
 from . import forking
 from .accounting import Accounting, Attempt, Effects, Policy
 from .affinity import ThreadKey, ThreadSlots
-from .driver import SyncDriver, Waiter, close_quietly
+from .driver import SyncDriver, Waiter, carry_slot, close_quietly
 from .errors import PoolClosed, PoolError, PoolMisuse, PoolTimeout
+
+if TYPE_CHECKING:
+    from .budget import HostBudget
 
 __all__ = [
     "AbstractConnectionPool",
@@ -209,6 +212,10 @@ class AbstractConnectionPool(SyncDriver):
             come back, then raises `PoolTimeout` (a `PoolError`, whose message
             also starts with "connection pool exhausted"). The name is not a
             libpq keyword, so every ``connect()`` keyword still reaches libpq.
+        budget: a `mppool.HostBudget` the pool's connections count against
+            (not a libpq keyword either). A connection opened while the budget
+            is used up waits for a slot, up to ``getconn_timeout`` or 30 s if
+            None, then raises `PoolTimeout`, "connection pool exhausted: ...".
         **kwargs: psycopg2 ``connect()`` keywords; translated for psycopg 3 by
             `translate_connect_args` (``database`` becomes ``dbname``...).
 
@@ -226,6 +233,7 @@ class AbstractConnectionPool(SyncDriver):
         maxconn: int,
         *args: Any,
         getconn_timeout: float | None = None,
+        budget: HostBudget | None = None,
         **kwargs: Any,
     ) -> None:
         minconn, maxconn = int(minconn), int(maxconn)
@@ -241,6 +249,7 @@ class AbstractConnectionPool(SyncDriver):
         self.name = f"psycopg2-{next(_pool_numbers)}"
         self._policy = Policy(idle_cap=minconn, inline="room", refill=False)
         self._args, self._kwargs, self._connection_class = translate_connect_args(args, kwargs)
+        self._set_budget(budget)
         self._new_state()
         self._register_fork_aware()
         fx = Effects()
@@ -248,7 +257,10 @@ class AbstractConnectionPool(SyncDriver):
             self._acct.open(fx)
         try:
             for _ in range(minconn):
-                self._connect()
+                holder = self._plain_slot_for_connect()
+                conn = self._connect()
+                if holder is not None:
+                    self._carry(conn, holder)
         except BaseException:
             with self._lock:
                 self._acct.closed = True
@@ -439,7 +451,10 @@ class AbstractConnectionPool(SyncDriver):
     def _connect_for(self, key: Hashable, attempt: Attempt) -> Connection[Any]:
         """Open the connection of `key`, reserved in ``_pending``, outside the lock."""
         try:
+            self._slot_for(attempt)
             conn = self._connect(key)
+            if attempt.slot is not None:
+                self._carry(conn, attempt)
         except BaseException:
             with self._lock:
                 self._pending.pop(key, None)
@@ -495,7 +510,49 @@ class AbstractConnectionPool(SyncDriver):
                 self._acct.returned(conn, monotonic(), fx)
         self._apply(fx)
 
+    # -- a host budget -----------------------------------------------------------
+
+    def _budget_wait(self) -> float:
+        """How long a connection waits for a budget slot: getconn_timeout, or 30 s."""
+        return self._getconn_timeout if self._getconn_timeout is not None else 30.0
+
+    def _slot_for(self, attempt: Attempt) -> None:
+        """Take a budget slot for `attempt` (an inline one), or raise."""
+        if self._budget is None:
+            return
+        wait = self._budget_wait()
+        outcome = self._acquire_slot(attempt, monotonic() + wait)
+        if outcome == "timeout":
+            raise self._budget_timeout(wait)
+        if outcome != "ok":
+            raise PoolClosed(CLOSED)
+
+    def _plain_slot_for_connect(self) -> Attempt | None:
+        """A slot for one of the constructor's `minconn` connections, or None (no budget)."""
+        if self._budget is None:
+            return None
+        wait = self._budget_wait()
+        return self._plain_slot(monotonic() + wait, wait)
+
+    def _carry(self, conn: Connection[Any] | None, holder: Attempt) -> None:
+        """`conn`, made by `_connect` (ours or an override), carries `holder`'s slot."""
+        if conn is None:  # an override that returns nothing: the one it registered
+            with self._lock:
+                conn = self._acct.idle[-1] if self._acct.idle else None
+        if conn is None:
+            raise PoolError("_connect() returned no connection: cannot count it in the budget")
+        carry_slot(conn, holder.slot)
+        holder.slot = None
+
+    def _budget_timeout(self, timeout: float) -> PoolTimeout:
+        return PoolTimeout(
+            f"{EXHAUSTED}: no connection could be opened within {timeout:g} sec: "
+            f"{self._budget_text()}"
+        )
+
     def _timeout_error(self, timeout: float, last_error: str | None) -> PoolTimeout:
+        if self._budget_blocked():
+            return self._budget_timeout(timeout)
         return PoolTimeout(
             f"{EXHAUSTED}: none of the {self._maxconn} connections (maxconn) came back "
             f"within {timeout:g} sec (getconn_timeout)"
@@ -644,7 +701,10 @@ class AbstractConnectionPool(SyncDriver):
             if attempt is None:
                 return
             try:
+                self._slot_for(attempt)
                 conn = self._new_connection(None)
+                if attempt.slot is not None:
+                    self._carry(conn, attempt)
             except BaseException:
                 self._end_attempt(attempt)
                 raise

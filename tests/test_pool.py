@@ -106,7 +106,11 @@ def test_signature_matches_psycopg_pool(name: str) -> None:
     psycopg_pool = pytest.importorskip("psycopg_pool")
     ours = inspect.signature(getattr(mppool, name).__init__).parameters
     theirs = inspect.signature(getattr(psycopg_pool, name).__init__).parameters
-    assert list(ours) == list(theirs)
+    # mppool's own parameters come last, keyword-only, off by default.
+    extra = list(ours)[len(theirs) :]
+    assert extra == ["budget"]
+    assert all(ours[p].kind == ours[p].KEYWORD_ONLY and ours[p].default is None for p in extra)
+    assert list(ours)[: len(theirs)] == list(theirs)
     for param in theirs.values():
         assert ours[param.name].kind == param.kind, param.name
         assert ours[param.name].default == param.default, param.name

@@ -33,11 +33,14 @@ from psycopg.pq import TransactionStatus
 import mppool
 from mppool import (
     ConnectionPool,
+    HostBudget,
     NullConnectionPool,
     PoolClosed,
     PoolMisuse,
     PoolTimeout,
+    budget,
     driver,
+    runtime,
 )
 from mppool.accounting import Effects
 
@@ -93,6 +96,7 @@ class PoolMachine(RuleBasedStateMachine):
             reconnect_timeout=0.05,
             configure=self._configure,
             **self.sizes,
+            **self.options(),
         )
         self.max_size = self.sizes["max_size"]
         self.held: list[Any] = []
@@ -100,6 +104,14 @@ class PoolMachine(RuleBasedStateMachine):
         # connection the pool let go of (and meant to close) in an interrupted call.
         self.returned: list[weakref.ref[Any]] = []
         self.closed = False
+
+    def options(self) -> dict[str, Any]:
+        """More arguments for the pool (a subclass's)."""
+        return {}
+
+    def cap(self) -> int:
+        """Most connections the test can hold at once."""
+        return self.max_size
 
     def _configure(self, conn: Any) -> None:
         if self.configure_fails:
@@ -146,7 +158,7 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule()
     def getconn(self) -> None:
-        exhausted = len(self.held) >= self.max_size
+        exhausted = len(self.held) >= self.cap()
         timeout = 0.01 if exhausted or not self._can_connect() else 2.0
         try:
             conn = self.pool.getconn(timeout=timeout)
@@ -275,8 +287,7 @@ class PoolMachine(RuleBasedStateMachine):
                 stats = self.pool.get_stats()
                 ok = stats["pool_size"] == 0 and not self.pool._acct.problems()
                 if ok and not self.closed and self._can_connect():
-                    with self.pool.connection(timeout=2) as conn:
-                        conn.execute("")
+                    ok = self._child_checkout()
                 code = 0 if ok else 2
             finally:
                 os._exit(code)
@@ -285,6 +296,12 @@ class PoolMachine(RuleBasedStateMachine):
         for conn in list(FakeConnection.made):
             if not conn.closed:
                 assert goodbyes(conn.peer) == b"", "the child closed a parent's connection"
+
+    def _child_checkout(self) -> bool:
+        """In a forked child: the inherited pool lends a connection of its own."""
+        with self.pool.connection(timeout=2) as conn:
+            conn.execute("")
+        return True
 
     # -- after every step ------------------------------------------------------
 
@@ -334,6 +351,71 @@ class NullPoolMachine(PoolMachine):
     sizes: ClassVar[dict[str, int]] = {"max_size": MAX_SIZE}
 
 
+BUDGET_LIMIT = 2
+
+
+class BudgetedPoolMachine(PoolMachine):
+    """A pool under a host budget of 2 slots, below its max_size: every step also
+    checks that the slots this process holds are exactly those its connections
+    and connecting attempts carry, and that the kernel agrees (a forked child
+    must neither release nor keep its parent's)."""
+
+    budget: ClassVar[HostBudget | None] = None
+
+    def options(self) -> dict[str, Any]:
+        return {"budget": self.budget}
+
+    def cap(self) -> int:
+        return min(self.max_size, BUDGET_LIMIT)
+
+    def _child_checkout(self) -> bool:
+        assert self.budget is not None
+        if observed_slots(self.budget) >= BUDGET_LIMIT:  # the parent holds them all
+            try:
+                conn = self.pool.getconn(timeout=0.3)
+            except PoolTimeout as exc:
+                return "host budget" in str(exc)
+            self.pool.putconn(conn)  # the parent's watcher gave up an idle one
+            return True
+        return super()._child_checkout()
+
+    def _problems(self) -> list[str]:
+        assert self.budget is not None
+        # The budget's watcher thread may resume a deferred refill at any time:
+        # stopped for the look (the pool's next return starts it again).
+        self.budget._handle().unwatch(5.0)
+        problems = super()._problems()
+        pool = self.pool
+        with pool._lock:
+            acct = pool._acct
+            carried = []
+            for member in acct.members:
+                conn = member()
+                slot = getattr(conn, "_mppool_slot", None)
+                if slot is not None and slot.held:
+                    carried.append(slot.index)
+            for ref in [*acct.inline, *acct.opening, *acct.settling]:
+                attempt = ref()
+                if attempt is not None and attempt.slot is not None and attempt.slot.held:
+                    carried.append(attempt.slot.index)
+        taken = sorted(self.budget._handle().taken)
+        if taken != sorted(carried):
+            problems.append(f"slots held {taken}, carried {sorted(carried)}")
+        kernel = observed_slots(self.budget)
+        if kernel != len(taken):
+            problems.append(f"the kernel sees {kernel} slots locked, the process holds {taken}")
+        return problems
+
+
+def observed_slots(b: HostBudget) -> int:
+    """Slots locked host-wide, as a fresh descriptor (holding none) sees them."""
+    fd = os.open(b.path, os.O_RDONLY)
+    try:
+        return runtime.count_locked(fd, budget._SLOT_BASE, b.limit)
+    finally:
+        os.close(fd)
+
+
 SETTINGS = settings(
     max_examples=EXAMPLES,
     stateful_step_count=25,
@@ -355,3 +437,10 @@ def test_connection_pool_invariants() -> None:
 def test_null_pool_invariants() -> None:
     NullPoolMachine.TestCase.settings = SETTINGS
     NullPoolMachine.TestCase().runTest()
+
+
+@pytest.mark.skipif(not runtime.supported(), reason="needs Linux OFD locks")
+def test_budgeted_pool_invariants(tmp_path: Any) -> None:
+    BudgetedPoolMachine.budget = HostBudget("properties", BUDGET_LIMIT, directory=tmp_path)
+    BudgetedPoolMachine.TestCase.settings = SETTINGS
+    BudgetedPoolMachine.TestCase().runTest()
