@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.celery_children,
         help="celery prefork processes (default: %(default)s)",
     )
+    demo.add_argument(
+        "--budget",
+        type=_positive,
+        metavar="N",
+        help="run the gunicorn workers and celery children under one host budget of N "
+        "connections (Linux); the verdict says the most server connections seen at once",
+    )
 
     doctor = sub.add_parser(
         "doctor",
@@ -138,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=DEFAULT_MAX_SIZE,
         help="each pool's max_size (default: %(default)s, a ConnectionPool's default)",
+    )
+    doctor.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="the runtime directory whose host budgets to report (default: "
+        "$MPPOOL_RUNTIME_DIR, else /dev/shm/mppool-<uid>)",
     )
     doctor.add_argument(
         "--timeout",
@@ -172,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             clients=args.clients,
             celery_children=args.celery_children,
             unsafe=args.unsafe,
+            budget=args.budget,
         )
         status = run(opts)
         exit_by_signal(status)  # interrupted: everything is stopped, die by the signal
@@ -181,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
 
         choice = choose_dsn(args.dsn)
         _warn_password(choice, "mppool doctor")
-        return doctor.run(choice, args.workers, args.max_size, timeout=args.timeout)
+        return doctor.run(
+            choice, args.workers, args.max_size, timeout=args.timeout, directory=args.dir
+        )
     parser.print_help(sys.stderr)
     return exitstatus.USAGE
 

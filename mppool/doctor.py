@@ -12,6 +12,12 @@ reserved_connections`` slots are free, so what the application can use is::
 both and prints the answer. Exit statuses (`mppool.exitstatus`): 0 it fits,
 1 it does not, 3 no connection (the server cannot be reached, refuses the
 login, or the DSN is invalid).
+
+It also reports the host budgets in the runtime directory (`mppool.budget`):
+each one's limit, the slots held and by which pids, and two checks: the limit
+fits what an ordinary role may use on the server (`Capacity.usable`), and the
+processes' ``min_size`` add up to no more than the limit (else idle processes
+keep asking for slots that busy ones hold).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 import psycopg
@@ -169,6 +176,54 @@ def format_report(capacity: Capacity, sizing: Sizing) -> str:
     return "\n".join(lines)
 
 
+def format_budgets(capacity: Capacity, reports: list[Any], where: Path) -> tuple[str, bool]:
+    """The budgets part of the report (`mppool.budget.survey`'s reports); whether all fit."""
+    if not reports:
+        return f"No host budget in {where}.", True
+    ok = True
+    lines = [f"Host budgets in {where}:"]
+    for b in reports:
+        state = f"{b.used} slots held" if b.in_use else "not in use by any live process"
+        lines.append(f"  {b.name!r}: limit {b.limit}, {state}")
+        if b.holders:
+            pids = ", ".join(f"pid {pid}: {n}" for pid, n in sorted(b.holders.items()))
+            lines.append(f"    held by {pids}")
+        if b.limit <= capacity.usable:
+            lines.append(
+                f"    OK: limit {b.limit} fits the {capacity.usable} connections an ordinary "
+                "role may use (max_connections minus reserved)"
+            )
+        else:
+            ok = False
+            lines.append(
+                f"    DOES NOT FIT: limit {b.limit}, but an ordinary role may use "
+                f"{capacity.usable} (max_connections {capacity.max_connections} - "
+                f"{capacity.superuser_reserved + capacity.reserved} reserved): lower the limit"
+            )
+        if b.min_size > b.limit:
+            ok = False
+            lines.append(
+                f"    TOO MUCH min_size: the live processes' min_size add up to {b.min_size}, "
+                f"above the limit {b.limit}: idle processes would keep reopening connections "
+                "that busy ones need; lower min_size (0 or 1 suits a budget)"
+            )
+        elif b.in_use:
+            lines.append(f"    OK: the processes' min_size add up to {b.min_size}")
+    return "\n".join(lines), ok
+
+
+def read_budgets(directory: str | None) -> tuple[Path | None, list[Any]]:
+    """(where, the budgets there), or (None, []) where budgets do not exist (not Linux)."""
+    from . import budget, runtime
+
+    if not runtime.supported():
+        return None, []
+    where = runtime.runtime_dir(directory, create=False)
+    if not where.is_dir():
+        return where, []
+    return where, budget.survey(where)
+
+
 _CAPACITY_SQL = """
 SELECT current_setting('max_connections')::int,
        current_setting('superuser_reserved_connections')::int,
@@ -217,6 +272,7 @@ def run(
     timeout: float = 10.0,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    directory: str | None = None,
 ) -> int:
     """``mppool doctor``: print the report; 0 fits, 1 does not, 3 no connection.
 
@@ -242,6 +298,15 @@ def run(
     sizing = size(capacity, workers, max_size)
     print(f"PostgreSQL {capacity.version} at {where} (DSN from {choice.source})", file=out)
     print(format_report(capacity, sizing), file=out)
+    budgets_fit = True
+    try:
+        budget_dir, budgets = read_budgets(directory)
+    except OSError as exc:
+        print(f"mppool doctor: cannot read the host budgets: {exc}", file=err)
+        budget_dir, budgets = None, []
+    if budget_dir is not None:
+        text, budgets_fit = format_budgets(capacity, budgets, budget_dir)
+        print(text, file=out)
     if os.environ.get("MPPOOL_PGBOUNCER_ADMIN_DSN"):  # see doctor_pgbouncer
         from . import doctor_pgbouncer as bouncer
 
@@ -254,5 +319,7 @@ def run(
             out=out,
             err=err,
         )
-        return NO_CONNECTION if fits is None else FITS if fits else TOO_BIG
-    return FITS if sizing.fits else TOO_BIG
+        if fits is None:
+            return NO_CONNECTION
+        return FITS if fits and budgets_fit else TOO_BIG
+    return FITS if sizing.fits and budgets_fit else TOO_BIG

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from mppool import doctor
+from mppool import ConnectionPool, HostBudget, doctor, runtime
 from mppool.cli import main
 from mppool.doctor import Capacity, size
 from mppool.dsn import scrub
@@ -258,3 +260,41 @@ def test_python_m_mppool_doctor(dsn: str) -> None:
     )
     assert done.returncode == 3
     assert "refused the login" in done.stderr
+
+
+# -- host budgets -----------------------------------------------------------------
+
+
+@pytest.mark.skipif(not runtime.supported(), reason="host budgets need Linux")
+def test_doctor_reports_budgets_and_checks_them(
+    capsys: pytest.CaptureFixture[str], dsn: str, tmp_path: Path
+) -> None:
+    fits = HostBudget("fits", 5, directory=tmp_path)
+    with ConnectionPool(dsn, min_size=2, max_size=2, budget=fits, open=True) as pool:
+        pool.wait(10)
+        rc, out, err = run_doctor(capsys, "--dsn", dsn, "--workers", "1", "--dir", str(tmp_path))
+    assert rc == 0, out + err
+    assert f"Host budgets in {tmp_path}:" in out
+    assert "'fits': limit 5, 2 slots held" in out
+    assert f"held by pid {os.getpid()}: 2" in out
+    assert "OK: limit 5 fits the" in out
+    assert "OK: the processes' min_size add up to 2" in out
+
+    HostBudget("huge", 100_000, directory=tmp_path)
+    tight = HostBudget("tight", 1, directory=tmp_path)
+    with ConnectionPool(dsn, min_size=2, max_size=2, budget=tight, open=True) as pool:
+        with pool.connection():
+            rc, out, err = run_doctor(capsys, "--dsn", dsn, "--dir", str(tmp_path))
+    assert rc == 1, out + err
+    assert "'huge': limit 100000" in out
+    assert "DOES NOT FIT: limit 100000, but an ordinary role may use" in out
+    assert "TOO MUCH min_size: the live processes' min_size add up to 2, above the limit 1" in out
+
+
+def test_doctor_with_no_budget_says_so(
+    capsys: pytest.CaptureFixture[str], dsn: str, tmp_path: Path
+) -> None:
+    rc, out, err = run_doctor(capsys, "--dsn", dsn, "--workers", "1", "--dir", str(tmp_path))
+    assert rc == 0, err
+    if runtime.supported():
+        assert f"No host budget in {tmp_path}." in out

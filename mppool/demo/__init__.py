@@ -19,6 +19,11 @@ in ``ps``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mppool import HostBudget
+
 ENV_DSN = "MPPOOL_DEMO_DSN"
 """The DSN the apps connect to (with the demo's application_name)."""
 ENV_DIR = "MPPOOL_DEMO_DIR"
@@ -27,3 +32,18 @@ ENV_POOL = "MPPOOL_DEMO_POOL"
 """Which pool the web app creates: ``mppool`` (the default) or ``psycopg_pool``."""
 ENV_TABLE = "MPPOOL_DEMO_TABLE"
 """The table the celery tasks write their rows into."""
+ENV_BUDGET = "MPPOOL_DEMO_BUDGET"
+"""``mppool demo --budget N``: the apps' pools share a host budget of N connections."""
+BUDGET_NAME = "mppool-demo"
+
+
+def demo_budget() -> HostBudget | None:
+    """The `mppool.HostBudget` the apps' pools share, if the demo runs with one."""
+    import os
+
+    limit = os.environ.get(ENV_BUDGET)
+    if not limit:
+        return None
+    from mppool import HostBudget
+
+    return HostBudget(BUDGET_NAME, int(limit))

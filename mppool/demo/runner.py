@@ -37,13 +37,14 @@ from psycopg.conninfo import make_conninfo
 
 import mppool
 
-from .. import exitstatus, testserver
+from .. import exitstatus, runtime, testserver
 from ..dsn import DsnChoice, describe_error
 from ..redact import password_of, redact
-from . import ENV_DIR, ENV_DSN, ENV_POOL, ENV_TABLE
+from . import ENV_BUDGET, ENV_DIR, ENV_DSN, ENV_POOL, ENV_TABLE
 from .broker import TASK_NAME, make_app
 from .load import LoadResult, Progress, get_json, run_load
 from .processes import DemoError, Server, wait_for
+from .sockets import connections_to, in_groups, server_port, tcp_host
 from .verdict import (
     CELERY_CHILD,
     CELERY_MAIN,
@@ -89,6 +90,8 @@ class Options:
     clients: int = 16
     celery_children: int = 2
     unsafe: bool = False
+    budget: int | None = None
+    """Run the apps' pools under one host budget of this many connections."""
 
 
 class _Interrupts:
@@ -158,6 +161,34 @@ def run(opts: Options, out: TextIO | None = None, err: TextIO | None = None) -> 
             return exitstatus.FAILED
 
 
+class _Peak:
+    """The most connections the demo's processes hold to the server at once.
+
+    A thread counts, every 20 ms, the client-side sockets to the server of
+    every process in the demo's servers' process groups (the server's own view
+    lags: a backend stays listed a moment after its client closed).
+    """
+
+    def __init__(self, dsn: str, groups: set[int]) -> None:
+        self.port = server_port(dsn)
+        self.groups = groups
+        self.most = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="mppool-demo-peak", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(0.02):
+            with contextlib.suppress(OSError, ValueError):
+                pids = in_groups(set(self.groups))
+                self.most = max(self.most, connections_to(self.port, pids))
+
+    def stop(self) -> int:
+        self.done.set()
+        self.thread.join(5)
+        return self.most
+
+
 class _NoConnection(Exception):
     """The demo's first connection failed; the message says why, without the password."""
 
@@ -187,6 +218,7 @@ class _Demo:
         self.out = out
         self.err = err
         self.token = secrets.token_hex(4)
+        self.groups: set[int] = set()  # the process groups of the servers it started
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -213,8 +245,14 @@ class _Demo:
             app_name = f"mppool-demo-{self.token}"
             dsn = make_conninfo(self.base_dsn, application_name=app_name)
             started = time.monotonic()
+            peak = _Peak(dsn, self.groups) if tcp_host(dsn) else None
+            if peak is not None:
+                stack.callback(peak.stop)
+            if self.opts.budget is not None:
+                self.say(f"host budget: {self.opts.budget} connections for every process")
             web_procs, load, web_errors = self._gunicorn(dsn, hooks=True, name="gunicorn")
             task_procs, tasks_done, task_errors = self._celery(dsn)
+            most = peak.stop() if peak is not None else None
             left = self._left_on_server(app_name)
             obs = Observations(
                 processes=web_procs + task_procs,
@@ -224,6 +262,8 @@ class _Demo:
                 tasks_done=tasks_done,
                 errors=load.errors + web_errors + task_errors,
                 left_on_server=left,
+                budget=self.opts.budget,
+                most_connections=most,
             )
             verdict = judge(obs)
             self.say("")
@@ -306,12 +346,17 @@ class _Demo:
         env["PYTHONUNBUFFERED"] = "1"
         env[ENV_DSN] = dsn
         env[ENV_DIR] = str(self.tmp)
+        env.pop(ENV_BUDGET, None)
+        if self.opts.budget is not None:
+            env[ENV_BUDGET] = str(self.opts.budget)
+            env[runtime.ENV_DIR] = str(self.tmp / "runtime")  # the run's own budget
         env.update(extra)
         return env
 
     def _start(self, name: str, args: list[str], env: dict[str, str]) -> Server:
         server = Server(name, args, env=env, cwd=self.tmp, log=self.tmp / f"{name}.log")
         self.stack.callback(server.stop)
+        self.groups.add(server.pid)  # its own session: its pid is its process group's
         return server
 
     def _gunicorn(

@@ -26,7 +26,7 @@ from psycopg import sql
 from mppool import ConnectionPool
 from mppool.hooks.celery import install
 
-from . import ENV_DIR, ENV_DSN, ENV_TABLE
+from . import ENV_DIR, ENV_DSN, ENV_TABLE, demo_budget
 from .broker import TASK_NAME, make_app
 from .verdict import CELERY_CHILD, CELERY_MAIN
 
@@ -52,7 +52,13 @@ def record_opened(conn: psycopg.Connection[Any]) -> None:
 
 
 pool = ConnectionPool(
-    DSN, min_size=1, max_size=2, open=True, name="tasks", configure=record_opened
+    DSN,
+    min_size=1,
+    max_size=2,
+    open=True,
+    name="tasks",
+    configure=record_opened,
+    budget=demo_budget(),
 )
 
 _INSERT = sql.SQL(

@@ -60,6 +60,11 @@ class Observations:
     """One line per failed request or task (or worker log line naming an error)."""
     left_on_server: int = 0
     """Sessions with the demo's application_name still on the server after shutdown."""
+    budget: int | None = None
+    """``--budget``: the host budget the pools shared."""
+    most_connections: int | None = None
+    """The most server connections the demo's processes held at once (client-side
+    sockets, sampled every 20 ms), if counted."""
 
 
 @dataclass
@@ -117,6 +122,19 @@ def judge(obs: Observations) -> Verdict:
         problems.append(f"{obs.left_on_server} sessions still on the server after shutdown")
     else:
         findings.append("nothing left on the server after shutdown")
+    if obs.most_connections is not None:
+        most = f"at most {obs.most_connections} server connections at once"
+        if obs.budget is None:
+            findings.append(most)
+        elif obs.most_connections <= obs.budget:
+            findings.append(f"{most}, within the host budget of {obs.budget}")
+        else:
+            problems.append(f"{most}: above the host budget of {obs.budget}")
+    elif obs.budget is not None:
+        findings.append(
+            f"host budget {obs.budget}: connections not counted (the server is reached "
+            "through a Unix socket, not TCP)"
+        )
     return Verdict(ok=not problems, problems=problems, findings=findings, shared=shared)
 
 
@@ -130,6 +148,7 @@ _STAT_NAMES = (
     ("connections_errors", "conn_err"),
     ("requests_errors", "req_err"),
     ("returns_bad", "bad"),
+    ("budget_used", "budget"),
 )
 
 
@@ -144,6 +163,8 @@ def format_stats(stats: Mapping[str, int] | None) -> str:
         value = f"{stats[key]}"
         if key == "pool_size" and "pool_max" in stats:
             value += f"/{stats['pool_max']}"
+        if key == "budget_used" and "budget_limit" in stats:
+            value += f"/{stats['budget_limit']}"
         words.append(f"{name}={value}")
     return " ".join(words)
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from . import ENV_DIR, ENV_DSN, ENV_POOL
+from . import ENV_DIR, ENV_DSN, ENV_POOL, demo_budget
 
 WHOAMI = "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()"
 
@@ -66,7 +66,13 @@ def make_pool() -> Any:
     from mppool import ConnectionPool
 
     return ConnectionPool(
-        DSN, min_size=2, max_size=4, open=True, name="web", configure=record_opened
+        DSN,
+        min_size=2,
+        max_size=4,
+        open=True,
+        name="web",
+        configure=record_opened,
+        budget=demo_budget(),
     )
 
 
