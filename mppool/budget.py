@@ -57,6 +57,7 @@ Linux only: `HostBudget` raises `mppool.runtime.Unsupported` elsewhere.
 from __future__ import annotations
 
 import _thread
+import atexit
 import contextlib
 import errno
 import logging
@@ -807,6 +808,7 @@ _handles_pid = [os.getpid()]
 _registry_lock = [threading.Lock()]
 _forking = [False]
 _stopped: list[_Handle] = []
+_exiting = [False]
 
 
 def _registry() -> dict[tuple[str, str], _Handle]:
@@ -817,6 +819,8 @@ def _registry() -> dict[tuple[str, str], _Handle]:
 
 def _publish(directory: Path) -> None:
     """Write this process's ``budgets`` section (the runtime record) in `directory`."""
+    if _exiting[0]:
+        return  # the records are removed at exit: do not make a new one
     section: dict[str, Any] = {}
     for handle in list(_handles.values()):
         if handle.directory == directory and not handle.stale():
@@ -862,4 +866,17 @@ def _after_in_child() -> None:
     _handles_pid[0] = os.getpid()
 
 
+def _at_exit() -> None:
+    # Registered after mppool.runtime's and mppool.forking's, so it runs before
+    # them: no watcher left running into interpreter shutdown, and the pools
+    # closed next release their slots without writing a record anew.
+    _exiting[0] = True
+    if _handles_pid[0] != os.getpid():
+        return
+    for handle in list(_handles.values()):
+        with contextlib.suppress(Exception):
+            handle.unwatch(0.5)
+
+
 forking.add_fork_hooks(_before, _after_in_parent, _after_in_child)
+atexit.register(_at_exit)

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from mppool import runtime
 from mppool.cli import main
 from mppool.demo import runner
 from mppool.demo.load import LoadResult, Progress
@@ -369,6 +370,37 @@ def test_demo_end_to_end(tls_dsn: str, pg: Any, tmp_path: Path) -> None:
     assert password and password.group(1) not in out + done.stderr
     assert not pg.execute("SELECT 1 FROM pg_tables WHERE tablename LIKE 'mppool_demo_%'")
     assert demo_dirs(tmp_path) == set()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not runtime.supported(), reason="host budgets need Linux")
+def test_demo_under_a_budget_counts_the_connections_at_once(dsn: str, tmp_path: Path) -> None:
+    done = subprocess.run(
+        demo_cmd(dsn, "--requests", "200", "--tasks", "20", "--budget", "4"),
+        env=demo_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert "host budget: 4 connections for every process" in done.stdout
+    most = re.search(
+        r"at most (\d+) server connections at once, within the host budget of 4", done.stdout
+    )
+    assert most, done.stdout
+    assert 1 <= int(most.group(1)) <= 4
+    assert re.search(r"budget=\d/4", done.stdout)  # the pools' stats say it too
+
+
+def test_the_verdict_says_the_most_connections_and_fails_above_the_budget() -> None:
+    within = judge(clean(budget=6, most_connections=6))
+    assert within.ok
+    assert "at most 6 server connections at once, within the host budget of 6" in within.render()
+    above = judge(clean(budget=6, most_connections=7))
+    assert not above.ok
+    assert "at most 7 server connections at once: above the host budget of 6" in above.render()
+    uncounted = judge(clean(budget=6))
+    assert uncounted.ok and "connections not counted" in uncounted.render()
 
 
 @pytest.mark.slow

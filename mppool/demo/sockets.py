@@ -85,9 +85,13 @@ def _tcp_to(port: int) -> set[int]:
     return inodes
 
 
-def connections_to(port: int, pids: Iterable[int]) -> int:
-    """Sockets the processes `pids` hold to TCP port `port` now (each counted once)."""
+def connections_to(port: int, pids: Iterable[int], besides: Iterable[int] = ()) -> int:
+    """Sockets the processes `pids` hold to TCP port `port` now (each counted once),
+    leaving out those the processes `besides` hold too (a forking parent's own
+    connection, which its children inherit)."""
     mine: set[int] = set()
     for pid in pids:
         mine |= _socket_inodes(pid)
+    for pid in besides:
+        mine -= _socket_inodes(pid)
     return len(mine & _tcp_to(port))
