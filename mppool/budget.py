@@ -665,11 +665,20 @@ class _Handle:
         self._signal(_STARVED, want >= 2)
         self._take_part(bool(self.taken) or bool(waiters))
         state = (len(self.taken), len(waiters), want)
-        if state != self.published:
+        if state != self.published and _publish(self.directory):
             self.published = state
-            _publish(self.directory)
 
     # -- the watcher -----------------------------------------------------------------
+
+    def register(self, pool: Any, min_size: int) -> None:
+        """`pool` uses this budget (the watcher looks at it; its min_size is published)."""
+        with self.lock:
+            self.pools.add(pool)
+            self.min_sizes[pool] = min_size
+
+    def _pools(self) -> list[Any]:
+        with self.lock:  # a copy: another thread may register a pool meanwhile
+            return list(self.pools)
 
     def watch(self) -> None:
         """Make sure the watcher thread runs (it ends when there is nothing to watch)."""
@@ -699,7 +708,7 @@ class _Handle:
         """Stop the watcher if no pool of this process has anything left for it."""
         if not self.watching():
             return
-        if not any(pool._budget_watched() for pool in list(self.pools)):
+        if not any(pool._budget_watched() for pool in self._pools()):
             self.unwatch(timeout)
 
     def excess(self) -> int:
@@ -731,7 +740,7 @@ class _Handle:
         excess = self.excess()
         room = not others_wait and self.used() < self.limit
         busy = False
-        for pool in list(self.pools):
+        for pool in self._pools():
             watch, shed = pool._budget_tick(others_wait, excess, room, now)
             excess = max(0, excess - shed)
             busy = busy or watch
@@ -817,27 +826,32 @@ def _registry() -> dict[tuple[str, str], _Handle]:
     return _handles
 
 
-def _publish(directory: Path) -> None:
-    """Write this process's ``budgets`` section (the runtime record) in `directory`."""
+def _publish(directory: Path) -> bool:
+    """Write this process's ``budgets`` section (the runtime record) in `directory`;
+    False if it could not (the next change tries again)."""
     if _exiting[0]:
-        return  # the records are removed at exit: do not make a new one
+        return True  # the records are removed at exit: do not make a new one
     section: dict[str, Any] = {}
-    for handle in list(_handles.values()):
-        if handle.directory == directory and not handle.stale():
-            waiters = list(handle.waiting)
-            section[handle.name] = {
-                "limit": handle.limit,
-                "held": len(handle.taken),
-                "waiting": len(waiters),
-                "want": max((w.want for w in waiters), default=0),
-                "min_size": sum(handle.min_sizes.values()),
-            }
     try:
+        # Other handles' sets, read without their locks: a change meanwhile
+        # (RuntimeError) skips this write; the next one says it.
+        for handle in list(_handles.values()):
+            if handle.directory == directory and not handle.stale():
+                waiters = list(handle.waiting)
+                section[handle.name] = {
+                    "limit": handle.limit,
+                    "held": len(handle.taken),
+                    "waiting": len(waiters),
+                    "want": max((w.want for w in waiters), default=0),
+                    "min_size": sum(list(handle.min_sizes.values())),
+                }
         record = runtime.ProcessRecord.current(directory)
         if record is not None:
             record.publish("budgets", section)
     except Exception as exc:  # the budget works without its record
         logger.debug("mppool: cannot publish the budgets of %s: %s", directory, exc)
+        return False
+    return True
 
 
 def _before() -> None:

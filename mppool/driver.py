@@ -215,8 +215,7 @@ class SyncDriver(forking.ForkAware):
             with self._lock:
                 self._acct.connected(0.0, str(exc))
             raise
-        handle.pools.add(self)
-        handle.min_sizes[self] = self._acct.min_size
+        handle.register(self, self._acct.min_size)
         cancel = self._cancel
         token = None
         delay = POLL_FIRST
