@@ -231,19 +231,24 @@ class ProcessRecord:
     def __init__(self, directory: Path) -> None:
         _require()
         self.directory = directory
-        self.path = directory / f"proc-{secrets.token_hex(8)}.rec"
+        token = secrets.token_hex(8)
+        self.path = directory / f"proc-{token}.rec"
         self.role: str | None = _role
         self._lock = threading.Lock()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        # Made under another name and renamed once locked: a reader that found
+        # it before the lock would take it for a dead process's and remove it.
+        making = directory / f".making-{token}"
+        fd = os.open(making, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, _SIZE + 1)
             if not try_lock(fd, _LIVE_BYTE):
-                raise OSError(errno.EBUSY, f"{self.path} is locked by another process")
+                raise OSError(errno.EBUSY, f"{making} is locked by another process")
             self._map = mmap.mmap(fd, _SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            os.rename(making, self.path)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
-                os.unlink(self.path)
+                os.unlink(making)
             raise
         self._fd = fd
         self._seq = 0

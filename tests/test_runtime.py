@@ -113,6 +113,25 @@ def test_a_record_being_written_is_skipped_not_garbage(tmp_path: Path) -> None:
     assert [r.payload for r in runtime.read_records(tmp_path)] == [{"n": 2}]
 
 
+def test_a_record_being_made_is_not_taken_for_a_dead_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A reader looks at the worst moment: the file made, its lock not yet taken.
+    real = runtime.try_lock
+
+    def a_reader_first(fd: int, start: int, length: int = 1, exclusive: bool = True) -> bool:
+        runtime.read_records(tmp_path)  # removes what it takes for a dead process's record
+        return real(fd, start, length, exclusive)
+
+    monkeypatch.setattr(runtime, "try_lock", a_reader_first)
+    record = runtime.ProcessRecord(tmp_path)
+    monkeypatch.undo()
+    record.publish("n", 1)
+    assert [r.payload for r in runtime.read_records(tmp_path)] == [{"n": 1}]
+    assert [p.name for p in tmp_path.iterdir()] == [record.path.name]
+    record.close()
+
+
 def test_sections_are_kept_side_by_side(tmp_path: Path) -> None:
     record = runtime.ProcessRecord.current(tmp_path)
     assert record is not None
