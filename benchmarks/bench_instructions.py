@@ -10,6 +10,7 @@ differ), but they are a faithful ruler for Python-level code paths.
 Usage::
 
     PYTHONPATH=. python benchmarks/bench_instructions.py [--dsn DSN] [--n1 2000] [--n2 12000]
+        [--only IMPL ...]
 
 Needs valgrind on PATH. Without ``--dsn``, starts a throwaway server.
 """
@@ -22,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 CASES = [
     ("mppool", "with"),
@@ -30,6 +32,8 @@ CASES = [
     ("psycopg_pool", "getput"),
     ("psycopg2", "getput"),
 ]
+BUDGET_CASES = [("mppool+budget", "with"), ("mppool+budget", "getput")]
+"""mppool's pool under a `mppool.HostBudget` that never binds: only with ``--only``."""
 
 
 def loop(impl: str, mode: str, n: int, dsn: str) -> None:
@@ -42,11 +46,17 @@ def loop(impl: str, mode: str, n: int, dsn: str) -> None:
             conn.autocommit = True
             pool.putconn(conn)
     else:
-        if impl == "mppool":
+        extra: dict[str, object] = {}
+        if impl.startswith("mppool"):
             import mppool as module
+
+            if impl == "mppool+budget":  # in $MPPOOL_RUNTIME_DIR, which main() made
+                extra["budget"] = module.HostBudget("bench", 100)
         else:
             import psycopg_pool as module  # type: ignore[no-redef]
-        pool = module.ConnectionPool(dsn, min_size=2, open=True, kwargs={"autocommit": True})
+        pool = module.ConnectionPool(
+            dsn, min_size=2, open=True, kwargs={"autocommit": True}, **extra
+        )
         pool.wait()
     if mode == "with":
         acquire = pool.connection
@@ -60,8 +70,12 @@ def loop(impl: str, mode: str, n: int, dsn: str) -> None:
     os._exit(0)  # no teardown in the count
 
 
+RUNTIME_DIR = [""]
+"""A runtime directory of this run's own, for the budget's file."""
+
+
 def count(impl: str, mode: str, n: int, dsn: str) -> int:
-    env = {**os.environ, "MPPOOL_BENCH_DSN": dsn}
+    env = {**os.environ, "MPPOOL_BENCH_DSN": dsn, "MPPOOL_RUNTIME_DIR": RUNTIME_DIR[0]}
     out = subprocess.run(
         [
             "valgrind",
@@ -90,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dsn")
     p.add_argument("--n1", type=int, default=2000)
     p.add_argument("--n2", type=int, default=12000)
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="IMPL",
+        help="only this contestant (repeatable); mppool+budget runs only when named",
+    )
     p.add_argument("--run", nargs=3, metavar=("IMPL", "MODE", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.run:
@@ -106,15 +126,19 @@ def main(argv: list[str] | None = None) -> int:
 
         server = testserver.start_server()
         dsn = server.dsn
+    scratch = tempfile.TemporaryDirectory(prefix="mppool-bench-")
+    RUNTIME_DIR[0] = scratch.name
     try:
         print("| contestant | usage | instructions per acquire+release |")
         print("|---|---|---|")
-        for impl, mode in CASES:
+        cases = [c for c in CASES + BUDGET_CASES if c[0] in args.only] if args.only else CASES
+        for impl, mode in cases:
             a = count(impl, mode, args.n1, dsn)
             b = count(impl, mode, args.n2, dsn)
             style = "`with pool.connection()`" if mode == "with" else "getconn + putconn"
             print(f"| {impl} | {style} | {(b - a) // (args.n2 - args.n1):,} |", flush=True)
     finally:
+        scratch.cleanup()
         if server is not None:
             server.stop()
     return 0
