@@ -143,7 +143,10 @@ def test_eight_processes_never_pass_the_limit_and_share_it_fairly(dsn: str, wher
             kill(pid)
     queries = [q for q, _ in results]
     held = ", ".join(f"{q} queries with {h:.2f} slots" for q, h in sorted(results))
-    assert samples > 20  # every 20 ms when the machine is idle; far fewer on a busy one
+    # Every 20 ms when the machine is idle; on a loaded one a look at /proc can take
+    # 0.3 s (16 looks in a run once): what matters is that they spanned the load,
+    # which `most` reaching the limit shows.
+    assert samples >= 5, f"{samples} looks at the sockets"
     assert most <= limit, f"{most} connections at once under a budget of {limit}"
     assert most >= limit - 2, f"the budget never bound: at most {most} of {limit}"
     assert min(queries) >= max(queries) / 2, f"unfair: per process, on average, {held}"
