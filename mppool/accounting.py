@@ -55,6 +55,15 @@ Invariants (checked by `problems`, after `reap`, by the property-based test)
    object that carries it: released by the driver after it closes a dropped
    connection, or when the connection (or attempt) is collected.
 
+Figures
+-------
+Besides psycopg_pool's counters (`stats`, reset by ``pop_stats``), the
+accounting keeps what `mppool.publish` shows the host (`figures`): lifetime
+totals, and histograms of waits (`record_wait`, on the slow paths only: a
+checkout served by the fast path waited 0, and is counted as such from
+``requests - slow_requests``), of connection times (`connected`) and, when the
+pool publishes, of uses (``use_hist``, which the drivers' return paths fill).
+
 Interrupted anywhere
 --------------------
 A signal handler's exception (celery's soft time limit, gunicorn's SIGINT) is
@@ -74,6 +83,8 @@ import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, cast
+
+from .histograms import CREATE_BOUNDS, USE_BOUNDS, WAIT_BOUNDS, empty, index
 
 __all__ = ["Accounting", "Attempt", "AttemptRef", "Effects", "Member", "Policy", "WaiterRef"]
 
@@ -118,15 +129,18 @@ class Member(_Tracked):
         idle_since: when it last became idle.
         expires: when it is past ``max_lifetime`` (0.0: disowned, close it
             when it comes back).
+        site: where it was taken, for a pool with a ``leak_threshold``
+            (a `mppool.leaks.Lending`, plain values only), else None.
     """
 
-    __slots__ = ("expires", "idle_since", "lent_at")
+    __slots__ = ("expires", "idle_since", "lent_at", "site")
 
     def __init__(self, conn: Any, owner: Accounting) -> None:
         super().__init__(conn, owner)
         self.lent_at: float | None = None
         self.idle_since = 0.0
         self.expires = INFINITY
+        self.site: Any = None
 
 
 class Attempt:
@@ -264,9 +278,26 @@ class Accounting:
         self.budgeted = False  # members hold slots of a host budget (invariant 9)
 
         self.last_error: str | None = None  # the last connection error, password masked
+
+        # Lifetime figures (see "Figures" above); pop_stats never resets them.
+        self.requests = self.request_errors = 0
+        self.usage = 0.0
+        self.past_requests = self.past_errors = 0  # folded in by reset_counters
+        self.past_usage = 0.0
+        self.slow_requests = 0  # requests counted on the slow paths (the rest waited 0)
+        self.timeouts = 0
+        self.wait_hist = empty(WAIT_BOUNDS)
+        self.wait_sum = 0.0
+        self.create_hist = empty(CREATE_BOUNDS)
+        self.create_sum = 0.0
+        self.use_hist: list[int] | None = None  # a list when the pool publishes
         self.reset_counters()
 
     def reset_counters(self) -> None:
+        """Zero psycopg_pool's counters (``pop_stats``); the lifetime figures go on."""
+        self.past_requests += self.requests
+        self.past_errors += self.request_errors
+        self.past_usage += self.usage
         self.requests = 0
         self.queued = 0
         self.wait_time = 0.0
@@ -312,7 +343,49 @@ class Accounting:
         self.connections_ms += elapsed * 1000.0
         if error is not None:
             self.connections_errors += 1
+        else:
+            self.create_hist[index(CREATE_BOUNDS, elapsed)] += 1
+            self.create_sum += elapsed
         self.last_error = error
+
+    def record_wait(self, seconds: float) -> None:
+        """A request on a slow path got its connection (or timed out) after `seconds`."""
+        self.wait_hist[index(WAIT_BOUNDS, seconds)] += 1
+        self.wait_sum += seconds
+
+    def time_uses(self) -> None:
+        """Start the histogram of uses (the pool publishes): the return paths fill it."""
+        self.use_hist = empty(USE_BOUNDS)
+
+    def figures(self) -> dict[str, Any]:
+        """What `mppool.publish` shows of this pool: sizes, lifetime totals, histograms.
+
+        Copies, safe to read once the driver's lock is released.
+        """
+        requests = self.past_requests + self.requests
+        wait = list(self.wait_hist)
+        wait[0] += max(0, requests - self.slow_requests)  # the fast path: no wait
+        cap = self.policy.idle_cap
+        use = self.use_hist
+        return {
+            "min": self.min_size,
+            "max": self.max_size or None,
+            "size": self.size,
+            "idle": len(self.idle),
+            "used": self.lent,
+            "waiting": len(self.waiters),
+            "idle_min": self.min_size if self.policy.refill else 0,
+            "idle_max": cap if cap is not None else (self.max_size or None),
+            "requests": requests,
+            "timeouts": self.timeouts,
+            "errors": self.past_errors + self.request_errors,
+            "wait": wait,
+            "wait_sum": self.wait_sum,
+            "use": None if use is None else list(use),
+            "use_sum": self.past_usage + self.usage,
+            "create": list(self.create_hist),
+            "create_sum": self.create_sum,
+        }
 
     # -- sizes ---------------------------------------------------------------
 
@@ -440,6 +513,7 @@ class Accounting:
             waiters.popleft()
             ref.owner = None
             waiter.wake()
+            self.record_wait(now - ref.since)  # last: an interrupt here costs one count
             return True
         return False
 
