@@ -9,6 +9,12 @@ user code runs under it.
 
 What the subclasses add is their API and how a connection is made
 (`_new_connection`).
+
+Two features reach the subclasses' fast paths only through the flags those
+already test (``_fast``, ``_keep``, ``_key_hooks``), which `_fast_paths`
+computes: a pool with a ``leak_threshold`` (`mppool.leaks`) takes its slow
+paths always, and a *parked* pool (`mppool.publish`: its figures are
+published and nothing changed since) takes them once, to unpark.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import weakref
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
-from . import forking
+from . import forking, leaks, publish
 from .accounting import Accounting, Attempt, Effects, Policy
 from .budget import POLL_FIRST, POLL_MAX, RESCAN
 from .errors import PoolClosed, PoolTimeout
@@ -78,6 +84,9 @@ class SyncDriver(forking.ForkAware):
     _opener: Opener
     _cancel: threading.Event
     _budget: HostBudget | None = None
+    _published = False  # figures published (`mppool.publish`): set at creation
+    _parked = False
+    _leak_threshold: float | None = None
 
     def _new_driver(self, acct: Accounting, lock: Any) -> None:
         """Fresh driver state around `acct` (at creation, and in a forked child)."""
@@ -91,6 +100,11 @@ class SyncDriver(forking.ForkAware):
         if self._budget is not None:
             acct.budgeted = True
             acct.chores_every = BUDGET_CHORES
+        # A published pool starts parked: its first checkout takes the slow path,
+        # which starts the publisher (after a fork too).
+        self._parked = self._published
+        if self._published:
+            acct.time_uses()
 
     def _set_budget(self, budget: HostBudget | None) -> None:
         """Put the pool under `budget` (at creation, before `_new_driver`)."""
@@ -104,6 +118,13 @@ class SyncDriver(forking.ForkAware):
                 "create one with mppool.HostBudget(name, limit)"
             )
         self._budget = budget
+
+    def _observe(self, leak_threshold: float | None) -> None:
+        """At creation: publish the figures unless MPPOOL_STATS=0; watch for leaks."""
+        self._leak_threshold = leaks.check_threshold(leak_threshold)
+        self._published = publish.enabled()
+        if self._leak_threshold is not None:
+            leaks.register(self)
 
     # -- what subclasses provide --------------------------------------------
 
@@ -133,10 +154,100 @@ class SyncDriver(forking.ForkAware):
         """Return a connection a waiter was handed but can no longer take."""
         raise NotImplementedError
 
+    def _fast_paths(self) -> None:
+        """Set the fast paths' flags from the pool's state (lock held, or at creation)."""
+        raise NotImplementedError
+
+    # -- published figures and leaks (mppool.publish, mppool.leaks) --------------
+
+    @property
+    def leak_threshold(self) -> float | None:
+        """Seconds a connection may stay lent before a WARNING says where it was
+        taken (None: not watched); see `mppool.leaks`."""
+        return self._leak_threshold
+
+    def _figures(self) -> dict[str, Any] | None:
+        """What the publisher shows of this pool, or None when it is not open."""
+        with self._lock:
+            return self._figures_locked()
+
+    def _figures_locked(self) -> dict[str, Any] | None:
+        acct = self._acct
+        if acct.closed:
+            return None
+        figures = acct.figures()
+        figures["name"] = self.name
+        return figures
+
+    def _park(self, expected: dict[str, Any]) -> bool:
+        """Send every checkout and return to the slow path, which unparks and pokes
+        the publisher, if the figures are still `expected`; False if they changed."""
+        with self._lock:
+            if self._figures_locked() != expected:
+                return False
+            self._parked = True
+            self._fast_paths()
+            return True
+
+    @staticmethod
+    def _forget_observers() -> None:
+        """In a child: the parent's publisher and leak watcher are not ours."""
+        publish.after_fork()
+        leaks.after_fork()
+
+    def _unpark(self) -> None:
+        with self._lock:
+            self._parked = False
+            self._fast_paths()
+
+    def _published_change(self) -> None:
+        """After a slow path of a published pool (lock released): publish soon."""
+        if self._parked:
+            self._unpark()
+        publish.poke()
+
+    def _leak_scan(self, now: float) -> tuple[float | None, list[leaks.Lending]]:
+        """The lendings past ``leak_threshold`` (marked reported), and the next one due."""
+        threshold = self._leak_threshold
+        if threshold is None:
+            return None, []
+        late: list[leaks.Lending] = []
+        next_due: float | None = None
+        with self._lock:
+            for member in self._acct.members:
+                site: leaks.Lending | None = member.site
+                if site is None or site.reported or member.lent_at is not site.lent_at:
+                    continue
+                due = site.lent_at + threshold
+                if due <= now:
+                    site.reported = True
+                    late.append(site)
+                elif next_due is None or due < next_due:
+                    next_due = due
+        return next_due, late
+
+    def _watch_lending(self, conn: Any) -> None:
+        """`conn` was just lent by a pool with a ``leak_threshold``: note where."""
+        member = conn._mppool
+        lent_at = member.lent_at
+        if lent_at is None or self._leak_threshold is None:
+            return
+        member.site = leaks.Lending(lent_at, leaks.call_site())
+        leaks.watch(lent_at + self._leak_threshold)
+
+    def _lending_back(self, member: Any, now: float, fx: Effects) -> None:
+        """A lending comes back (lock held): if it was reported, say so (INFO)."""
+        site = member.site
+        member.site = None
+        if site is not None and site.reported:
+            fx.logs.append(leaks.back_message(self.name, site, now))
+
     # -- carrying out the accounting's decisions ------------------------------
 
     def _apply(self, fx: Effects) -> None:
         """Do what the accounting asked, outside the lock."""
+        if self._published:
+            self._published_change()
         if fx.start:
             self._opener.submit(fx.start)
             fx.start = []
@@ -471,7 +582,9 @@ class SyncDriver(forking.ForkAware):
                             acct.leave(waiter)
                             acct.wait_time += timeout
                             acct.request_errors += 1
+                            acct.timeouts += 1
                             last = acct.last_error
+                            acct.record_wait(timeout)
                             break
                         acct.tick(now, fx)
                         given: Any = waiter.conn  # tick may have served this waiter

@@ -64,6 +64,7 @@ class NullConnectionPool(ConnectionPool[CT]):
         reconnect_failed: Callable[[ConnectionPool[Any]], None] | None = None,
         num_workers: int = 3,
         budget: HostBudget | None = None,
+        leak_threshold: float | None = None,
     ):
         super().__init__(
             conninfo,
@@ -85,6 +86,7 @@ class NullConnectionPool(ConnectionPool[CT]):
             reconnect_failed=reconnect_failed,
             num_workers=num_workers,
             budget=budget,
+            leak_threshold=leak_threshold,
         )
 
     @staticmethod
@@ -102,6 +104,8 @@ class NullConnectionPool(ConnectionPool[CT]):
     def _inline_failed(self, exc: Exception, timeout: float) -> None:
         """A client's own connection failed: it gets the error (a timeout as `PoolTimeout`)."""
         if isinstance(exc, psycopg.errors.ConnectionTimeout):
+            with self._lock:
+                self._acct.timeouts += 1
             raise PoolTimeout(
                 f"couldn't get a connection from pool {self.name!r} after {timeout:.2f} sec: "
                 f"{self._acct.last_error}"

@@ -32,7 +32,7 @@ from psycopg import Connection
 from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 
-from . import forking
+from . import forking, histograms
 from .accounting import Accounting, Attempt, Effects, Policy
 from .affinity import ThreadSlots
 from .connector import Connector, background_connect_timeout
@@ -64,6 +64,8 @@ _INERROR = int(TransactionStatus.INERROR)
 _ACTIVE = int(TransactionStatus.ACTIVE)
 _ALIVE = forking.ALIVE
 _rebuild = forking.rebuild
+_USE_BOUNDS = histograms.USE_BOUNDS
+_bucket = histograms.index
 
 _pool_names = iter(range(1, sys.maxsize))
 _DEFAULT_CLASS: Any = Connection
@@ -176,6 +178,15 @@ class ConnectionPool(SyncDriver, Generic[CT]):
             A checkout that needs a new connection while the budget is used up
             waits for a slot within its ``timeout``; idle connections are
             given up while other processes wait (see the budget guide).
+        leak_threshold: seconds a connection may stay lent before a WARNING
+            on logger ``mppool`` says where it was taken (file, line and
+            function of the calling frames), and an INFO when it comes back;
+            None (the default) watches nothing and costs nothing. See
+            `mppool.leaks`.
+
+    The pool's figures are published for `mppool stats` and
+    `mppool.metrics.PoolCollector` unless ``MPPOOL_STATS=0`` is set when it
+    is created (see `mppool.publish`).
     """
 
     _policy = Policy(idle_cap=None, inline="empty", refill=True)
@@ -202,6 +213,7 @@ class ConnectionPool(SyncDriver, Generic[CT]):
         reconnect_failed: Callable[[ConnectionPool[Any]], None] | None = None,
         num_workers: int = 3,
         budget: HostBudget | None = None,
+        leak_threshold: float | None = None,
     ): ...
 
     @overload
@@ -227,6 +239,7 @@ class ConnectionPool(SyncDriver, Generic[CT]):
         reconnect_failed: Callable[[ConnectionPool[Any]], None] | None = None,
         num_workers: int = 3,
         budget: HostBudget | None = None,
+        leak_threshold: float | None = None,
     ): ...
 
     def __init__(
@@ -251,6 +264,7 @@ class ConnectionPool(SyncDriver, Generic[CT]):
         reconnect_failed: Callable[[ConnectionPool[Any]], None] | None = None,
         num_workers: int = 3,
         budget: HostBudget | None = None,
+        leak_threshold: float | None = None,
     ):
         min_size, max_size = self._check_size(min_size, max_size)
         if num_workers < 1:
@@ -275,6 +289,7 @@ class ConnectionPool(SyncDriver, Generic[CT]):
         self._reconnect_failed = reconnect_failed
         self._warn_open = open is None  # psycopg_pool's deprecation, owed on first use
         self._set_budget(budget)
+        self._observe(leak_threshold)
         self._new_state(opened=False)
         self._register_fork_aware()
         if open is None or open:
@@ -290,8 +305,13 @@ class ConnectionPool(SyncDriver, Generic[CT]):
         self._thread_conns: ThreadSlots[tuple[CT, float]] = ThreadSlots(
             self._reclaim_thread_connection
         )
-        self._fast = self._check is None and not self._warn_open  # getconn's fast path
-        self._keep = self._policy.idle_cap is None  # putconn's fast path
+        self._fast_paths()
+
+    def _fast_paths(self) -> None:
+        """``_fast``: getconn's fast path; ``_keep``: putconn's (see `SyncDriver`)."""
+        plain = self._leak_threshold is None and not self._parked
+        self._fast = plain and self._check is None and not self._warn_open
+        self._keep = plain and self._policy.idle_cap is None
 
     @staticmethod
     def _check_size(min_size: int, max_size: int | None) -> tuple[int, int]:
@@ -406,7 +426,11 @@ class ConnectionPool(SyncDriver, Generic[CT]):
             if lent_at is not None and c._pool is self:
                 member.lent_at = None  # from here on the pool owns it again
                 c._pool = None
-                acct.usage += now - lent_at
+                used = now - lent_at
+                acct.usage += used
+                uses = acct.use_hist  # None unless the figures are published
+                if uses is not None:
+                    uses[_bucket(_USE_BOUNDS, used)] += 1
                 if self._keep and not (
                     acct.waiters or now >= member.expires or now >= acct.chores_at
                 ):
@@ -414,6 +438,8 @@ class ConnectionPool(SyncDriver, Generic[CT]):
                     acct.idle.append(c)
                     return
                 fx = Effects()
+                if member.site is not None:
+                    self._lending_back(member, now, fx)
                 acct.returned(c, now, fx)
         if fx is None:  # given back by another thread just now
             self._putconn_foreign(conn)
@@ -451,6 +477,8 @@ class ConnectionPool(SyncDriver, Generic[CT]):
         if held is not None and lent_by(held[0], self, held[1]):
             return held[0]
         conn = self.getconn(timeout)
+        if self._leak_threshold is not None:
+            conn._mppool.site = None  # type: ignore[attr-defined]  # held on purpose
         self._thread_conns.set((conn, conn._mppool.lent_at))  # type: ignore[attr-defined]
         return conn
 
@@ -468,6 +496,14 @@ class ConnectionPool(SyncDriver, Generic[CT]):
     # -- the rest of checkout ------------------------------------------------
 
     def _getconn_slow(self, timeout: float | None, now: float) -> CT:
+        conn = self._getconn_checked(timeout, now)
+        if self._leak_threshold is not None:
+            self._watch_lending(conn)
+        if self._published:
+            self._published_change()
+        return conn
+
+    def _getconn_checked(self, timeout: float | None, now: float) -> CT:
         if timeout is None:
             timeout = self.timeout
         if self._warn_open:
@@ -483,6 +519,8 @@ class ConnectionPool(SyncDriver, Generic[CT]):
                 logger.info("pool %r: connection failed check, discarding it: %s", self.name, exc)
                 self._discard(conn, lost=True)
                 if monotonic() >= deadline:
+                    with self._lock:
+                        self._acct.timeouts += 1
                     raise PoolTimeout(
                         f"couldn't get a connection from pool {self.name!r} after "
                         f"{timeout:.2f} sec: every connection failed the check; last: {exc}"
@@ -502,9 +540,11 @@ class ConnectionPool(SyncDriver, Generic[CT]):
                     acct.reap(fx)
                 self._raise_if_closed()
                 acct.requests += 1
+                acct.slow_requests += 1
                 now = monotonic()
                 conn = acct.take(now)
                 if conn is not None:
+                    acct.record_wait(now - (deadline - timeout))
                     return cast(CT, conn)
                 if inline:
                     attempt = acct.admit_inline(timeout)
@@ -527,6 +567,7 @@ class ConnectionPool(SyncDriver, Generic[CT]):
                 self._inline_failed(exc, timeout)
             with self._lock:
                 self._acct.requests -= 1  # counted again below
+                self._acct.slow_requests -= 1
             return self._checkout(deadline, timeout, inline=False)
         assert waiter is not None
         return cast(CT, self._wait(waiter, deadline, timeout))
@@ -561,6 +602,7 @@ class ConnectionPool(SyncDriver, Generic[CT]):
         for the CPU. Under a host budget, it first waits for a slot until
         `deadline` (`PoolTimeout` then).
         """
+        started = monotonic()
         try:
             if self._budget is not None:
                 outcome = self._acquire_slot(attempt, deadline)
@@ -580,6 +622,7 @@ class ConnectionPool(SyncDriver, Generic[CT]):
                 now = monotonic()
                 if acct.add_member(conn, attempt, now):
                     acct.lend(conn, now)
+                    acct.record_wait(now - started)
                     if not acct.primed and self._policy.refill:
                         # the first use after open, fork or disconnect
                         acct.primed = acct.refill_due = True
@@ -602,7 +645,7 @@ class ConnectionPool(SyncDriver, Generic[CT]):
         if not self._warn_open:
             return
         self._warn_open = False
-        self._fast = self._check is None
+        self._fast_paths()
         warnings.warn(
             f"the default for the {type(self).__name__} 'open' parameter will become "
             "'False' in a future release. Please use open={True|False} explicitly, "
@@ -874,7 +917,7 @@ class ConnectionPool(SyncDriver, Generic[CT]):
 
     def __enter__(self) -> ConnectionPool[CT]:
         self._warn_open = False
-        self._fast = self._check is None
+        self._fast_paths()
         self.open()
         return self
 
@@ -898,6 +941,7 @@ class ConnectionPool(SyncDriver, Generic[CT]):
         """In a child: drop the parent's state without a byte to its server."""
         inherited = self._inherited_connections()
         self._new_state(opened=self._acct.opened, closed=self._acct.closed)
+        self._forget_observers()
         for conn in inherited:
             forking.neutralise(conn)
 

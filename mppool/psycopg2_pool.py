@@ -45,7 +45,7 @@ import psycopg
 from psycopg import Connection
 from psycopg.pq import TransactionStatus
 
-from . import forking
+from . import forking, histograms, publish
 from .accounting import Accounting, Attempt, Effects, Policy
 from .affinity import ThreadKey, ThreadSlots
 from .driver import SyncDriver, Waiter, carry_slot, close_quietly
@@ -72,6 +72,8 @@ _INERROR = int(TransactionStatus.INERROR)
 _ALIVE = forking.ALIVE
 _rebuild = forking.rebuild
 _INFINITY = float("inf")
+_USE_BOUNDS = histograms.USE_BOUNDS
+_bucket = histograms.index
 _pool_numbers = itertools.count(1)
 _P = TypeVar("_P", bound="AbstractConnectionPool")
 
@@ -216,6 +218,10 @@ class AbstractConnectionPool(SyncDriver):
             (not a libpq keyword either). A connection opened while the budget
             is used up waits for a slot, up to ``getconn_timeout`` or 30 s if
             None, then raises `PoolTimeout`, "connection pool exhausted: ...".
+        leak_threshold: seconds a connection may stay lent before a WARNING
+            on logger ``mppool`` says where it was taken, as for
+            `mppool.ConnectionPool` (None, the default: not watched). Not a
+            libpq keyword either.
         **kwargs: psycopg2 ``connect()`` keywords; translated for psycopg 3 by
             `translate_connect_args` (``database`` becomes ``dbname``...).
 
@@ -234,6 +240,7 @@ class AbstractConnectionPool(SyncDriver):
         *args: Any,
         getconn_timeout: float | None = None,
         budget: HostBudget | None = None,
+        leak_threshold: float | None = None,
         **kwargs: Any,
     ) -> None:
         minconn, maxconn = int(minconn), int(maxconn)
@@ -250,6 +257,7 @@ class AbstractConnectionPool(SyncDriver):
         self._policy = Policy(idle_cap=minconn, inline="room", refill=False)
         self._args, self._kwargs, self._connection_class = translate_connect_args(args, kwargs)
         self._set_budget(budget)
+        self._observe(leak_threshold)
         self._new_state()
         self._register_fork_aware()
         fx = Effects()
@@ -272,12 +280,15 @@ class AbstractConnectionPool(SyncDriver):
             now = monotonic()
             for conn in self._acct.idle:  # put there by _connect(), ours or an override
                 self._acct.adopt(conn, now)
+        if self._published:
+            self._published_change()
 
     def _new_state(self) -> None:
         """Everything a forked child must not share with its parent."""
         acct = Accounting(self, self._minconn, self._maxconn, self._policy, _INFINITY)
         acct.opened, acct.closed = True, False
         self._new_driver(acct, threading.RLock())
+        self._fast_paths()
         self._connected = threading.Condition(self._lock)  # a pending connect finished
         self._used: dict[Hashable, Connection[Any]] = {}  # key -> lent connection
         self._rused: dict[int, Hashable] = {}  # id(connection) -> key
@@ -402,6 +413,8 @@ class AbstractConnectionPool(SyncDriver):
                     conn = self._take(now, fx)
                     if conn is not None:
                         acct.requests += 1
+                        acct.slow_requests += 1
+                        acct.record_wait(0.0)
                         return self._lend(key, conn)
                     attempt = acct.admit_inline(_INFINITY)
                     if attempt is not None:
@@ -427,6 +440,7 @@ class AbstractConnectionPool(SyncDriver):
             with self._lock:
                 if key not in self._used:
                     self._acct.requests += 1
+                    self._acct.slow_requests += 1
                     return self._lend(key, conn)
             self._give_back(conn)  # the key got one meanwhile, from another thread
 
@@ -445,11 +459,33 @@ class AbstractConnectionPool(SyncDriver):
         self._used[key] = conn
         self._rused[id(conn)] = key
         if self._key_hooks:
-            self._lent(key, conn)
+            self._hooked_lent(key, conn)
         return conn
+
+    def _hooked_lent(self, key: Hashable, conn: Connection[Any]) -> None:
+        """The lending path when ``_key_hooks`` is on (lock held): the subclass's
+        `_lent`, and the pool's own hooks (`_fast_paths`)."""
+        if self._parked:
+            self._parked = False
+            self._fast_paths()
+            publish.poke()
+        if self._leak_threshold is not None:
+            self._watch_lending(conn)
+        self._lent(key, conn)
+
+    def _hooked_released(self, key: Hashable, conn: Connection[Any], fx: Effects) -> None:
+        """The return path when ``_key_hooks`` is on (lock held)."""
+        if self._leak_threshold is not None:
+            self._lending_back(conn._mppool, monotonic(), fx)  # type: ignore[attr-defined]
+        self._released(key)
+
+    def _fast_paths(self) -> None:
+        """``_key_hooks``: the lending and return paths call the hooks (`SyncDriver`)."""
+        self._key_hooks = type(self)._key_hooks or self._leak_threshold is not None or self._parked
 
     def _connect_for(self, key: Hashable, attempt: Attempt) -> Connection[Any]:
         """Open the connection of `key`, reserved in ``_pending``, outside the lock."""
+        started = monotonic()
         try:
             self._slot_for(attempt)
             conn = self._connect(key)
@@ -471,6 +507,8 @@ class AbstractConnectionPool(SyncDriver):
                 now = monotonic()
                 if acct.add_member(conn, attempt, now):
                     acct.requests += 1
+                    acct.slow_requests += 1
+                    acct.record_wait(now - started)
                     return self._lend(key, acct.lend(conn, now))
                 conn._pool = None
                 fx.close.append(conn)  # closed while connecting
@@ -591,10 +629,17 @@ class AbstractConnectionPool(SyncDriver):
             del self._used[key]
             self._rused.pop(id(conn), None)
             if self._key_hooks:
-                self._released(key)
+                self._hooked_released(key, conn, fx)
             c: Any = conn
-            c._mppool.lent_at = None  # from here on the pool owns it again
+            member = c._mppool
+            lent_at = member.lent_at
+            member.lent_at = None  # from here on the pool owns it again
             c._pool = None
+            uses = acct.use_hist  # None unless the figures are published
+            if uses is not None and lent_at is not None:
+                used = monotonic() - lent_at
+                acct.usage += used
+                uses[_bucket(_USE_BOUNDS, used)] += 1
             status = conn.pgconn.transaction_status
             if close or status not in (_IDLE, _INTRANS, _INERROR):
                 acct.drop(conn, fx)
@@ -762,6 +807,7 @@ class AbstractConnectionPool(SyncDriver):
         """In a child: forget the parent's connections without a byte to the server."""
         inherited = [*self._inherited_connections(), *self._used.values()]
         self._new_state()
+        self._forget_observers()
         for conn in inherited:
             forking.neutralise(conn)
 

@@ -329,6 +329,17 @@ def _close_records_at_exit() -> None:
 atexit.register(_close_records_at_exit)
 
 
+def _forget_role() -> None:
+    # A forked child is not what its parent is (a gunicorn worker is no master):
+    # its hooks say what it is, if any.
+    global _role
+    _role = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_role)
+
+
 @dataclass
 class PublishedRecord:
     """A record as a reader sees it."""

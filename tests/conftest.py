@@ -8,9 +8,11 @@ whatever other tests left behind.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import secrets
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import polling
@@ -27,6 +29,22 @@ from pgbouncer_support import BouncerHelper  # noqa: E402
 pytest_plugins = ["pytester", "pgbouncer_support"]
 
 _counter = itertools.count(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Where the session's pools publish (`mppool.runtime`): never the user's own
+    runtime directory. The processes the tests start inherit it."""
+    path = tmp_path_factory.mktemp("runtime")
+    saved = os.environ.get("MPPOOL_RUNTIME_DIR")
+    os.environ["MPPOOL_RUNTIME_DIR"] = str(path)
+    try:
+        yield path
+    finally:
+        if saved is None:
+            os.environ.pop("MPPOOL_RUNTIME_DIR", None)
+        else:
+            os.environ["MPPOOL_RUNTIME_DIR"] = saved
 
 
 @pytest.fixture(scope="session")

@@ -108,7 +108,7 @@ def test_signature_matches_psycopg_pool(name: str) -> None:
     theirs = inspect.signature(getattr(psycopg_pool, name).__init__).parameters
     # mppool's own parameters come last, keyword-only, off by default.
     extra = list(ours)[len(theirs) :]
-    assert extra == ["budget"]
+    assert extra == ["budget", "leak_threshold"]
     assert all(ours[p].kind == ours[p].KEYWORD_ONLY and ours[p].default is None for p in extra)
     assert list(ours)[: len(theirs)] == list(theirs)
     for param in theirs.values():

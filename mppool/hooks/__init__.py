@@ -17,6 +17,9 @@ fork, and still closes it at interpreter exit).
 The actions never raise: a worker must boot and exit whatever one pool does.
 A failure is logged on the ``mppool.hooks`` logger, with the pool's name and
 never its connection string.
+
+The hooks also say what each process is (``"gunicorn master"``, ``"celery
+child"``...) in the statistics it publishes (`mppool stats`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .. import forking
+from .. import forking, publish, runtime
 from ..errors import PoolClosed
 
 __all__ = ["close_pools", "disconnect_pools", "managed_pools", "open_pools"]
@@ -35,6 +38,15 @@ SETTLE_TIMEOUT = 2.0
 """Seconds `disconnect_pools` waits, per pool, for a connection attempt already
 under way to finish (and be closed), so that the process really holds no
 connection when it then forks."""
+
+
+def _set_role(role: str) -> None:
+    """Name this process's role in its published statistics, now."""
+    try:
+        runtime.set_role(role)
+        publish.role_changed()
+    except Exception:  # statistics never stop a worker
+        logger.exception("mppool: setting the role %r failed", role)
 
 
 def managed_pools() -> list[Any]:

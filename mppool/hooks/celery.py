@@ -36,7 +36,7 @@ import importlib
 import os
 from typing import Any
 
-from . import close_pools, disconnect_pools, logger, open_pools
+from . import _set_role, close_pools, disconnect_pools, logger, open_pools
 
 __all__ = ["install"]
 
@@ -100,6 +100,7 @@ def pool_kind(worker: Any) -> str:
 
 def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
     global _init_report
+    _set_role("celery main")
     kind = pool_kind(sender)
     if kind == "prefork":
         n = disconnect_pools()
@@ -130,6 +131,7 @@ def _on_before_create_process(sender: Any = None, **kwargs: Any) -> None:
 
 def _on_worker_process_init(sender: Any = None, **kwargs: Any) -> None:
     # Never block here: AsynPool kills a child that is not up within 4 s.
+    _set_role("celery child")
     n = open_pools()
     logger.info("mppool: celery child %d opened %d pool(s), filling them", os.getpid(), n)
 

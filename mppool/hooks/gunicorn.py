@@ -45,7 +45,7 @@ import os
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
-from . import close_pools, disconnect_pools, logger, open_pools
+from . import _set_role, close_pools, disconnect_pools, logger, open_pools
 
 # Only hook functions may carry a gunicorn setting's name here: gunicorn reads
 # this whole module as a config file with ``-c python:mppool.hooks.gunicorn``.
@@ -71,6 +71,7 @@ def _log(owner: Any, msg: str, *args: object) -> None:
 
 def when_ready(server: Any) -> None:
     """Master, before the first worker forks: disconnect every managed pool."""
+    _set_role("gunicorn master")
     n = disconnect_pools()
     if n:
         _log(server, "mppool: %d pool(s) disconnected in the master: workers open their own", n)
@@ -82,11 +83,13 @@ def pre_fork(server: Any, worker: Any) -> None:
     The master may have used a pool since the last fork (in a hook of its
     own, say): whatever it opened must not be inherited by the new worker.
     """
+    _set_role("gunicorn master")
     disconnect_pools()
 
 
 def post_fork(server: Any, worker: Any) -> None:
     """Worker, just forked: open every managed pool, without waiting."""
+    _set_role("gunicorn worker")
     open_pools()
 
 

@@ -1,0 +1,155 @@
+"""Leak detection: ``leak_threshold=`` seconds, as HikariCP's ``leakDetectionThreshold``.
+
+A pool created with ``leak_threshold`` notes, at each checkout, where the
+connection was taken: the file, line and function of the first `DEPTH`
+calling frames outside mppool (and ``contextlib``), as plain strings and
+numbers, never the frames themselves (a frame keeps the borrower's locals
+alive, the connection among them, and so would defeat the reclaim of lost
+connections). A connection still lent `leak_threshold` seconds later is
+reported once, at WARNING on logger ``mppool``::
+
+    pool 'orders': a connection lent 31.0 s ago is still not back (leak_threshold
+    30 s); taken at app/views.py:42 in place_order, called from app/views.py:17 in
+    dispatch
+
+and, when it finally comes back, at INFO, with how long it was out.
+
+Who notices, when nothing else happens in the process? A *leak watcher*
+thread (`mppool.ondemand`), one per process, that sleeps until the earliest
+lending falls due, reports what is late, and ends when no watched pool has a
+connection lent that is not yet reported; a checkout of a watched pool starts
+it again. Without a watched lending there is no thread.
+
+What it costs: nothing for a pool without ``leak_threshold`` (its fast paths
+are unchanged). A pool with one takes its slow checkout and return paths
+every time, plus the walk of a few frames; docs/performance.md has the
+figure. `PersistentConnectionPool` is watched too (a thread holding its
+connection longer than the threshold is reported); a connection taken with
+`ConnectionPool.thread_connection` is not: holding it is its purpose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+from .ondemand import OnDemandThread
+
+__all__ = ["DEPTH", "Lending", "call_site", "check_threshold", "register", "watch"]
+
+logger = logging.getLogger("mppool")
+
+DEPTH = 3
+"""Calling frames noted per checkout (the innermost first)."""
+
+Frame = tuple[str, int, str]  # file, line, function
+
+_MPPOOL_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_SKIPPED = (_MPPOOL_DIR, contextlib.__file__)
+
+
+class Lending:
+    """Where and when one lending began; plain values only."""
+
+    __slots__ = ("frames", "lent_at", "reported")
+
+    def __init__(self, lent_at: float, frames: tuple[Frame, ...]) -> None:
+        self.lent_at = lent_at  # the member's own stamp (see accounting.Member)
+        self.frames = frames
+        self.reported = False
+
+    def where(self) -> str:
+        if not self.frames:
+            return "an unknown place"
+        first, *callers = (f"{file}:{line} in {func}" for file, line, func in self.frames)
+        return ", called from ".join([first, *callers])
+
+
+def call_site(depth: int = DEPTH) -> tuple[Frame, ...]:
+    """The first `depth` calling frames outside mppool, as (file, line, function)."""
+    found: list[Frame] = []
+    frame: Any = sys._getframe(1)
+    while frame is not None and len(found) < depth:
+        code = frame.f_code
+        if not code.co_filename.startswith(_SKIPPED):
+            found.append((code.co_filename, frame.f_lineno, code.co_name))
+        frame = frame.f_back
+    return tuple(found)
+
+
+def check_threshold(value: float | None) -> float | None:
+    """`value` as a leak threshold, or a ValueError saying what is expected."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"leak_threshold must be a number of seconds or None, got {type(value).__name__}"
+        )
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(
+            f"leak_threshold must be a number of seconds above 0, or None; got {value}"
+        )
+    return float(value)
+
+
+def late_message(name: str, site: Lending, now: float, threshold: float) -> tuple[str, Any]:
+    return (
+        "pool %r: a connection lent %.1f s ago is still not back (leak_threshold %g s); "
+        "taken at %s",
+        (name, now - site.lent_at, threshold, site.where()),
+    )
+
+
+def back_message(name: str, site: Lending, now: float) -> tuple[int, str, tuple[Any, ...]]:
+    """The INFO record for a reported lending that came back (an `Effects` log)."""
+    return (
+        logging.INFO,
+        "pool %r: the connection reported as held too long came back after %.1f s (taken at %s)",
+        (name, now - site.lent_at, site.where()),
+    )
+
+
+# -- the watcher ---------------------------------------------------------------------
+
+_pools: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def register(pool: Any) -> None:
+    """Watch `pool` (it has a ``leak_threshold``, ``name`` and ``_leak_scan``)."""
+    _pools.add(pool)
+
+
+def watch(due: float) -> None:
+    """A watched lending began; the watcher must look at it by `due` (monotonic)."""
+    _watcher.poke(due)
+
+
+def _scan(now: float) -> float | None:
+    """Report the late lendings of every watched pool; when the next falls due."""
+    next_due: float | None = None
+    for pool in list(_pools):
+        due, late = pool._leak_scan(now)
+        _report(pool, late, now)
+        if due is not None and (next_due is None or due < next_due):
+            next_due = due
+    return next_due
+
+
+def _report(pool: Any, late: Iterable[Lending], now: float) -> None:
+    for site in late:
+        msg, args = late_message(pool.name, site, now, pool.leak_threshold)
+        logger.warning(msg, *args)
+
+
+_watcher = OnDemandThread("leak watcher", _scan)
+
+
+def after_fork() -> None:
+    """Called by the pools' fork rebuild (for forks made without fork callbacks)."""
+    _watcher.reset_if_forked()
