@@ -2,11 +2,14 @@
 
 - ``mppool demo``: gunicorn and celery workers on one pool created before the
   fork, a table of who used which backend, and a verdict;
-- ``mppool doctor``: whether N processes x M connections fit on a server.
+- ``mppool doctor``: whether N processes x M connections fit on a server;
+- ``mppool stats``: every pool of every process on this host, as they
+  publish them (`mppool.hoststats`), as a table, JSON or Prometheus text.
 
-Both take the server from ``--dsn``, else ``MPPOOL_DSN``, else libpq's
-environment (`mppool.dsn`); the exit statuses are one table for every
-subcommand (`mppool.exitstatus`, docs/cli.md).
+``demo`` and ``doctor`` take the server from ``--dsn``, else ``MPPOOL_DSN``,
+else libpq's environment (`mppool.dsn`); ``stats`` connects to nothing. The
+exit statuses are one table for every subcommand (`mppool.exitstatus`,
+docs/cli.md).
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from . import __version__, exitstatus
 from .dsn import ENV_DSN, DsnChoice, argv_password_warning, choose_dsn
 
 EXIT_STATUSES = (
-    "exit statuses, the same for every command: 0 done, nothing wrong; 1 a problem found "
-    "(demo: PROBLEMS FOUND, doctor: does not fit); 2 a command-line mistake or a missing "
-    "optional dependency; 3 no connection (unreachable, login refused, invalid DSN); "
-    "4 the demo's own servers failed; 130 / 143 interrupted by Ctrl-C / SIGTERM."
+    "exit statuses, the same for every command: 0 done, nothing wrong (stats: also when "
+    "nothing is published); 1 a problem found (demo: PROBLEMS FOUND, doctor: does not "
+    "fit); 2 a command-line mistake or a missing optional dependency; 3 no connection "
+    "(unreachable, login refused, invalid DSN); 4 the demo's own servers failed; "
+    "130 / 143 interrupted by Ctrl-C / SIGTERM."
 )
 DSN_HELP = (
     f"the server, as a conninfo string or URI; without it, {ENV_DSN}, else libpq's "
@@ -40,6 +44,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text}")
     return value
 
 
@@ -164,6 +178,48 @@ def build_parser() -> argparse.ArgumentParser:
         "against the server: in the environment, never on the command line, where a "
         "password is visible to every user of the machine."
     )
+
+    stats = sub.add_parser(
+        "stats",
+        help="every pool of every process on this host: sizes, waits, timeouts",
+        description=(
+            "Read what the pools of every process on this host publish in mppool's runtime "
+            "directory (MPPOOL_RUNTIME_DIR, else /dev/shm/mppool-<uid>, else "
+            "<tempdir>/mppool-<uid>) and print one line per pool: its process and role, "
+            "connections open, idle, used, clients waiting, requests, timeouts, errors, "
+            "wait percentiles over the last minute. Figures are at most about a second old; "
+            "processes that have exited are left out. Connects to nothing."
+        ),
+        epilog=EXIT_STATUSES,
+    )
+    fmt = stats.add_mutually_exclusive_group()
+    fmt.add_argument(
+        "--json",
+        action="store_const",
+        const="json",
+        dest="format",
+        help='print {"pools": [...]}, one object per pool (keys in docs/observability.md)',
+    )
+    fmt.add_argument(
+        "--prometheus",
+        action="store_const",
+        const="prometheus",
+        dest="format",
+        help="print the Prometheus text exposition of mppool.metrics.PoolCollector "
+        '(needs the prometheus extra: pip install "mppool[prometheus]")',
+    )
+    stats.add_argument(
+        "--watch",
+        type=_seconds,
+        metavar="SECONDS",
+        help="print again every SECONDS until interrupted (Ctrl-C)",
+    )
+    stats.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="read the records in DIR instead of the runtime directory (for processes "
+        "started with another MPPOOL_RUNTIME_DIR)",
+    )
     return parser
 
 
@@ -198,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         return doctor.run(
             choice, args.workers, args.max_size, timeout=args.timeout, directory=args.dir
         )
+    if args.command == "stats":
+        from . import hoststats
+
+        return hoststats.run(args.format or "table", args.watch, args.dir)
     parser.print_help(sys.stderr)
     return exitstatus.USAGE
 

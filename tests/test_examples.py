@@ -6,6 +6,7 @@ so `pg.count()` counts exactly the backends of the example's processes.
 
 from __future__ import annotations
 
+import http.client
 import re
 import signal
 import subprocess
@@ -26,6 +27,8 @@ from helpers_procs import (
     wait_until,
 )
 from psycopg import sql
+
+from mppool import hoststats
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +73,67 @@ def test_wsgi_app(
     assert_no_password(tls_dsn, log)
 
 
+def get_text(port: int, path: str) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read().decode()
+        assert response.status == 200, body
+        return body
+    finally:
+        conn.close()
+
+
+def test_metrics_app(pg: Any, tls_dsn: str, tmp_path: Path) -> None:
+    """Whichever worker answers /metrics reports every worker's pool; roles are set."""
+    pytest.importorskip("prometheus_client")
+    rt = tmp_path / "rt"
+    env = app_env(DATABASE_URL=tls_dsn, MPPOOL_RUNTIME_DIR=str(rt))
+    log = tmp_path / "gunicorn.log"
+    args = ["-c", "python:mppool.hooks.gunicorn", "--preload", "-w", "2"]
+    with gunicorn([*args, "examples.metrics_app:app"], env, log) as server:
+        workers = server.wait_workers(2)
+        server.burst("/?sleep=0.01", 40, 8)
+
+        def every_worker() -> str | None:
+            text = get_text(server.port, "/metrics")
+            ok = all(f'pid="{pid}",pool_name="web",state="idle"' in text for pid in workers)
+            return text if ok else None
+
+        text = wait_until(every_worker, 10)
+        assert "db_client_connection_wait_time_seconds_bucket" in text
+        pools = [p for p in hoststats.read_pools(rt) if p.pid in workers]
+        assert {p.role for p in pools} == {"gunicorn worker"} and len(pools) == 2
+        assert server.stop(signal.SIGTERM) == 0
+    pg.wait_count(0)
+    assert hoststats.read_pools(rt) == []  # records removed at the workers' clean exit
+    assert_no_password(tls_dsn, log)
+
+
+def test_metrics_exporter(tmp_path: Path) -> None:
+    pytest.importorskip("prometheus_client")
+    env = app_env(MPPOOL_RUNTIME_DIR=str(tmp_path))
+    proc = subprocess.Popen(
+        [sys.executable, "examples/metrics_exporter.py", "0"],
+        env=env,
+        cwd=str(ROOT),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        port = int(re.search(r":(\d+)/metrics", line).group(1))  # type: ignore[union-attr]
+        assert "# TYPE db_client_connection_count gauge" in get_text(port, "/metrics")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_celery_app(pg: Any, tls_dsn: str, tmp_path: Path) -> None:
     table = new_tag()
     env = app_env(
@@ -77,6 +141,7 @@ def test_celery_app(pg: Any, tls_dsn: str, tmp_path: Path) -> None:
         EXAMPLE_TABLE=table,
         CELERY_BROKER_URL="filesystem://",
         CELERY_BROKER_FOLDER=str(tmp_path / "broker"),
+        MPPOOL_RUNTIME_DIR=str(rt := tmp_path / "rt"),
     )
     log = tmp_path / "celery.log"
     run(["examples/celery_app.py", "setup"], env)
@@ -94,6 +159,10 @@ def test_celery_app(pg: Any, tls_dsn: str, tmp_path: Path) -> None:
             one_process_per_backend([(w, b) for w, b in rows])
             pids = {w for w, _ in rows}
             assert worker.pid not in pids and len(pids) >= 4  # recycled every 5 tasks
+            children = wait_until(
+                lambda: [p for p in hoststats.read_pools(rt) if p.name == "tasks"], 10
+            )
+            assert {p.role for p in children} == {"celery child"}
             out = run(["examples/celery_app.py", "count"], env)
             assert sum(int(n) for n in re.findall(r": (\d+) rows", out)) == 20
             assert worker.stop(signal.SIGTERM) == 0
