@@ -89,6 +89,7 @@ from .histograms import CREATE_BOUNDS, USE_BOUNDS, WAIT_BOUNDS, empty, index
 __all__ = ["Accounting", "Attempt", "AttemptRef", "Effects", "Member", "Policy", "WaiterRef"]
 
 INFINITY = float("inf")
+_WAIT_FIRST = WAIT_BOUNDS[1]
 
 
 class _Tracked(weakref.ref):  # type: ignore[type-arg]
@@ -350,7 +351,9 @@ class Accounting:
 
     def record_wait(self, seconds: float) -> None:
         """A request on a slow path got its connection (or timed out) after `seconds`."""
-        self.wait_hist[index(WAIT_BOUNDS, seconds)] += 1
+        # The usual slow-path checkout found a connection at once: skip the bisect.
+        first = 0.0 < seconds <= _WAIT_FIRST
+        self.wait_hist[1 if first else index(WAIT_BOUNDS, seconds)] += 1
         self.wait_sum += seconds
 
     def time_uses(self) -> None:

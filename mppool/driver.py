@@ -226,13 +226,16 @@ class SyncDriver(forking.ForkAware):
                     next_due = due
         return next_due, late
 
-    def _watch_lending(self, conn: Any) -> None:
-        """`conn` was just lent by a pool with a ``leak_threshold``: note where."""
+    def _watch_lending(self, conn: Any, skip: int = 1) -> None:
+        """`conn` was just lent by a pool with a ``leak_threshold``: note where.
+
+        `skip`: the caller's own frames in mppool, beyond this one.
+        """
         member = conn._mppool
         lent_at = member.lent_at
         if lent_at is None or self._leak_threshold is None:
             return
-        member.site = leaks.Lending(lent_at, leaks.call_site())
+        member.site = leaks.Lending(lent_at, leaks.call_site(skip + 1))
         leaks.watch(lent_at + self._leak_threshold)
 
     def _lending_back(self, member: Any, now: float, fx: Effects) -> None:
@@ -246,8 +249,6 @@ class SyncDriver(forking.ForkAware):
 
     def _apply(self, fx: Effects) -> None:
         """Do what the accounting asked, outside the lock."""
-        if self._published:
-            self._published_change()
         if fx.start:
             self._opener.submit(fx.start)
             fx.start = []
@@ -268,6 +269,8 @@ class SyncDriver(forking.ForkAware):
             )
         for level, msg, args in fx.logs:
             logger.log(level, msg, *args)
+        if self._published:  # last: an interrupt here costs a publication, no more
+            self._published_change()
 
     # -- connecting ------------------------------------------------------------
 

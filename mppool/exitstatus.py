@@ -5,8 +5,9 @@
       fit, ``stats`` printed what it found (also when nothing is published)
  1    it ran and found a problem: ``demo``'s verdict is PROBLEMS FOUND,
       ``doctor``'s pools do not fit (``stats`` never exits 1)
- 2    it could not start as asked: a command-line mistake, or a missing
-      optional dependency (the message gives the ``pip install`` to run)
+ 2    it could not start as asked: a command-line mistake, a missing
+      optional dependency (the message gives the ``pip install`` to run), or
+      (``stats``) a platform without OFD locks
  3    no connection: the server cannot be reached, refuses the login, or
       the connection string is invalid (the message says which)
  4    the demo's own machinery failed: the throwaway PostgreSQL server,

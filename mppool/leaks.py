@@ -71,10 +71,17 @@ class Lending:
         return ", called from ".join([first, *callers])
 
 
-def call_site(depth: int = DEPTH) -> tuple[Frame, ...]:
-    """The first `depth` calling frames outside mppool, as (file, line, function)."""
+def call_site(skip: int = 0, depth: int = DEPTH) -> tuple[Frame, ...]:
+    """The first `depth` calling frames outside mppool, as (file, line, function).
+
+    `skip`: frames known to be mppool's, jumped over at once (the walk makes
+    an object of each frame it passes).
+    """
     found: list[Frame] = []
-    frame: Any = sys._getframe(1)
+    try:
+        frame: Any = sys._getframe(skip + 1)
+    except ValueError:  # not that deep
+        return ()
     while frame is not None and len(found) < depth:
         code = frame.f_code
         if not code.co_filename.startswith(_SKIPPED):

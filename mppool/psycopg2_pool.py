@@ -73,6 +73,7 @@ _ALIVE = forking.ALIVE
 _rebuild = forking.rebuild
 _INFINITY = float("inf")
 _USE_BOUNDS = histograms.USE_BOUNDS
+_USE_FIRST = _USE_BOUNDS[0]
 _bucket = histograms.index
 _pool_numbers = itertools.count(1)
 _P = TypeVar("_P", bound="AbstractConnectionPool")
@@ -470,7 +471,7 @@ class AbstractConnectionPool(SyncDriver):
             self._fast_paths()
             publish.poke()
         if self._leak_threshold is not None:
-            self._watch_lending(conn)
+            self._watch_lending(conn, skip=3)  # _hooked_lent, _lend, _getconn...
         self._lent(key, conn)
 
     def _hooked_released(self, key: Hashable, conn: Connection[Any], fx: Effects) -> None:
@@ -626,20 +627,18 @@ class AbstractConnectionPool(SyncDriver):
                 self._put_failed(conn, key)
                 return
             conn = lent
+            c: Any = conn
+            uses = acct.use_hist  # None unless the figures are published
+            if uses is not None and c._mppool.lent_at is not None:  # before any change
+                used = monotonic() - c._mppool.lent_at
+                uses[0 if used <= _USE_FIRST else _bucket(_USE_BOUNDS, used)] += 1
+                acct.usage += used
             del self._used[key]
             self._rused.pop(id(conn), None)
             if self._key_hooks:
                 self._hooked_released(key, conn, fx)
-            c: Any = conn
-            member = c._mppool
-            lent_at = member.lent_at
-            member.lent_at = None  # from here on the pool owns it again
+            c._mppool.lent_at = None  # from here on the pool owns it again
             c._pool = None
-            uses = acct.use_hist  # None unless the figures are published
-            if uses is not None and lent_at is not None:
-                used = monotonic() - lent_at
-                acct.usage += used
-                uses[_bucket(_USE_BOUNDS, used)] += 1
             status = conn.pgconn.transaction_status
             if close or status not in (_IDLE, _INTRANS, _INERROR):
                 acct.drop(conn, fx)
