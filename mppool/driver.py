@@ -211,39 +211,20 @@ class SyncDriver(forking.ForkAware):
         threshold = self._leak_threshold
         if threshold is None:
             return None, []
-        late: list[leaks.Lending] = []
-        next_due: float | None = None
         with self._lock:
-            for member in self._acct.members:
-                site: leaks.Lending | None = member.site
-                if site is None or site.reported or member.lent_at is not site.lent_at:
-                    continue
-                due = site.lent_at + threshold
-                if due <= now:
-                    site.reported = True
-                    late.append(site)
-                elif next_due is None or due < next_due:
-                    next_due = due
-        return next_due, late
+            return leaks.late(self._acct.members, threshold, now)
 
     def _watch_lending(self, conn: Any, skip: int = 1) -> None:
         """`conn` was just lent by a pool with a ``leak_threshold``: note where.
 
         `skip`: the caller's own frames in mppool, beyond this one.
         """
-        member = conn._mppool
-        lent_at = member.lent_at
-        if lent_at is None or self._leak_threshold is None:
-            return
-        member.site = leaks.Lending(lent_at, leaks.call_site(skip + 1))
-        leaks.watch(lent_at + self._leak_threshold)
+        if self._leak_threshold is not None:
+            leaks.note(conn._mppool, self._leak_threshold, skip + 1)
 
     def _lending_back(self, member: Any, now: float, fx: Effects) -> None:
         """A lending comes back (lock held): if it was reported, say so (INFO)."""
-        site = member.site
-        member.site = None
-        if site is not None and site.reported:
-            fx.logs.append(leaks.back_message(self.name, site, now))
+        leaks.came_back(member, self.name, now, fx.logs)
 
     # -- carrying out the accounting's decisions ------------------------------
 

@@ -20,6 +20,10 @@ lending falls due, reports what is late, and ends when no watched pool has a
 connection lent that is not yet reported; a checkout of a watched pool starts
 it again. Without a watched lending there is no thread.
 
+The pools' side: `note` at each checkout (without the pool's lock), `late` in
+the pool's ``_leak_scan(now)`` (with it), `came_back` on the return path: what
+any driver, synchronous or not, calls.
+
 What it costs: nothing for a pool without ``leak_threshold`` (its fast paths
 are unchanged). A pool with one takes its slow checkout and return paths
 every time, plus the walk of a few frames; docs/performance.md has the
@@ -41,7 +45,17 @@ from typing import Any
 
 from .ondemand import OnDemandThread
 
-__all__ = ["DEPTH", "Lending", "call_site", "check_threshold", "register", "watch"]
+__all__ = [
+    "DEPTH",
+    "Lending",
+    "call_site",
+    "came_back",
+    "check_threshold",
+    "late",
+    "note",
+    "register",
+    "watch",
+]
 
 logger = logging.getLogger("mppool")
 
@@ -88,6 +102,47 @@ def call_site(skip: int = 0, depth: int = DEPTH) -> tuple[Frame, ...]:
             found.append((code.co_filename, frame.f_lineno, code.co_name))
         frame = frame.f_back
     return tuple(found)
+
+
+def note(member: Any, threshold: float, skip: int = 0) -> None:
+    """`member` (an `mppool.accounting.Member`) was just lent: note where, watch it.
+
+    `skip`: the caller's own frames in mppool, beyond this call.
+    """
+    lent_at = member.lent_at
+    if lent_at is None:
+        return
+    member.site = Lending(lent_at, call_site(skip + 1))
+    watch(lent_at + threshold)
+
+
+def late(
+    members: Iterable[Any], threshold: float, now: float
+) -> tuple[float | None, list[Lending]]:
+    """The lendings of `members` past `threshold` at `now`, marked reported, and when
+    the next one falls due. Call with the pool's lock held; log after releasing it."""
+    found: list[Lending] = []
+    next_due: float | None = None
+    for member in members:
+        site: Lending | None = member.site
+        if site is None or site.reported or member.lent_at is not site.lent_at:
+            continue  # not watched, reported, or from an earlier lending
+        due = site.lent_at + threshold
+        if due <= now:
+            site.reported = True
+            found.append(site)
+        elif next_due is None or due < next_due:
+            next_due = due
+    return next_due, found
+
+
+def came_back(member: Any, name: str, now: float, logs: list[Any]) -> None:
+    """`member`'s lending ends (lock held): if it was reported, an INFO for `logs`
+    (an `Effects` list, logged after the lock)."""
+    site = member.site
+    member.site = None
+    if site is not None and site.reported:
+        logs.append(back_message(name, site, now))
 
 
 def check_threshold(value: float | None) -> float | None:

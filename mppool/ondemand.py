@@ -21,7 +21,8 @@ What it takes care of:
   locks. A fork from C code skips these callbacks: `reset_if_forked`, called
   from the pools' fork rebuild, covers that.
 - what a step raises is logged once per job, and counts as "run again in a
-  second".
+  second"; a thread that cannot be started is logged once too, and the next
+  `poke` tries again: `poke` never raises.
 """
 
 from __future__ import annotations
@@ -107,7 +108,11 @@ class OnDemandThread:
                     self._restart = True
                     return
                 run = self._run = _Run(monotonic())
-                _thread.start_new_thread(self._loop, (run,))
+                try:
+                    _thread.start_new_thread(self._loop, (run,))
+                except RuntimeError as exc:  # no more threads: never the caller's problem
+                    self._run = None
+                    self._complain(f"could not start its thread ({exc})")
             elif due is not None and due < self._until:
                 self._wake.notify()
 
@@ -156,10 +161,13 @@ class OnDemandThread:
         try:
             return self._step(monotonic())
         except Exception:
-            if not self._complained:
-                self._complained = True
-                logger.exception("mppool: the %s failed (logged once); it goes on", self.name)
+            self._complain("failed", exc_info=True)
             return monotonic() + 1.0
+
+    def _complain(self, what: str, exc_info: bool = False) -> None:
+        if not self._complained:
+            self._complained = True
+            logger.error("mppool: the %s %s (logged once)", self.name, what, exc_info=exc_info)
 
     # -- fork ----------------------------------------------------------------------
 

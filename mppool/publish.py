@@ -15,6 +15,14 @@ more than before); the first one unparks the pool and restarts the thread.
 So an idle process has no thread (forking it adds none), and figures are at
 most `PERIOD` old while anything happens.
 
+What a pool offers the publisher (every pool in `mppool.forking`'s registry
+that has them; `mppool.driver.SyncDriver` implements them for the
+synchronous pools): ``_published`` (set at creation from `enabled`),
+``_figures()`` (its accounting's ``figures()`` and its ``name``, or None when
+not open), ``_park(expected)`` (turn its fast paths off if its figures are
+still `expected`; False if not); and it calls `poke` after each slow path,
+unparking itself first.
+
 What may be published, and what not:
 
 - ``MPPOOL_STATS=0`` (or ``false``, ``no``, ``off``), read when a pool is
