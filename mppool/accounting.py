@@ -62,7 +62,8 @@ accounting keeps what `mppool.publish` shows the host (`figures`): lifetime
 totals, and histograms of waits (`record_wait`, on the slow paths only: a
 checkout served by the fast path waited 0, and is counted as such from
 ``requests - slow_requests``), of connection times (`connected`) and, when the
-pool publishes, of uses (``use_hist``, which the drivers' return paths fill).
+pool publishes, of uses (``use_hist``, which the drivers' return paths fill
+for uses over 1 ms; ``uses`` counts them all).
 
 Interrupted anywhere
 --------------------
@@ -291,6 +292,10 @@ class Accounting:
         self.wait_sum = 0.0
         self.create_hist = empty(CREATE_BOUNDS)
         self.create_sum = 0.0
+        # Uses (lendings returned): a float, whose += reuses freed objects where an
+        # int's past 256 allocates, on the return path. The histogram counts only
+        # uses over its first bound (1 ms); the first count is the rest.
+        self.uses = 0.0
         self.use_hist: list[int] | None = None  # a list when the pool publishes
         self.reset_counters()
 
@@ -369,7 +374,9 @@ class Accounting:
         wait = list(self.wait_hist)
         wait[0] += max(0, requests - self.slow_requests)  # the fast path: no wait
         cap = self.policy.idle_cap
-        use = self.use_hist
+        use = None if self.use_hist is None else list(self.use_hist)
+        if use is not None:
+            use[0] = max(0, int(self.uses) - sum(use[1:]))
         return {
             "min": self.min_size,
             "max": self.max_size or None,
@@ -384,7 +391,7 @@ class Accounting:
             "errors": self.past_errors + self.request_errors,
             "wait": wait,
             "wait_sum": self.wait_sum,
-            "use": None if use is None else list(use),
+            "use": use,
             "use_sum": self.past_usage + self.usage,
             "create": list(self.create_hist),
             "create_sum": self.create_sum,

@@ -426,13 +426,14 @@ class ConnectionPool(SyncDriver, Generic[CT]):
             lent_at = member.lent_at
             if lent_at is not None and c._pool is self:
                 used = now - lent_at
-                uses = acct.use_hist  # None unless the figures are published
-                if uses is not None:  # before any change: an interrupt here costs a count
-                    # A use under 1 ms spares the bisect, which costs 10x the rest.
-                    uses[0 if used <= _USE_FIRST else _bucket(_USE_BOUNDS, used)] += 1
+                if used > _USE_FIRST:  # shorter uses are counted by acct.uses alone
+                    uses = acct.use_hist  # None unless the figures are published
+                    if uses is not None:  # before any change: an interrupt costs a count
+                        uses[_bucket(_USE_BOUNDS, used)] += 1
                 member.lent_at = None  # from here on the pool owns it again
                 c._pool = None
                 acct.usage += used
+                acct.uses += 1.0
                 if self._keep and not (
                     acct.waiters or now >= member.expires or now >= acct.chores_at
                 ):

@@ -631,8 +631,10 @@ class AbstractConnectionPool(SyncDriver):
             uses = acct.use_hist  # None unless the figures are published
             if uses is not None and c._mppool.lent_at is not None:  # before any change
                 used = monotonic() - c._mppool.lent_at
-                uses[0 if used <= _USE_FIRST else _bucket(_USE_BOUNDS, used)] += 1
+                if used > _USE_FIRST:  # shorter uses are counted by acct.uses alone
+                    uses[_bucket(_USE_BOUNDS, used)] += 1
                 acct.usage += used
+                acct.uses += 1.0
             del self._used[key]
             self._rused.pop(id(conn), None)
             if self._key_hooks:
