@@ -11,7 +11,10 @@ Contestants (each a small `Entry` in `CONTESTANTS`; add one there):
 - ``mppool``: ``mppool.ConnectionPool``, both ways (skipped, with a note, until importable);
 - ``mppool persistent``: ``mppool.PersistentConnectionPool.getconn()`` and
   ``mppool.ConnectionPool.thread_connection()`` on a thread that already holds its
-  connection (acquire only: the thread keeps it; not in the contention case).
+  connection (acquire only: the thread keeps it; not in the contention case);
+- mppool's optional features, each against mppool as it is by default (statistics
+  published): ``MPPOOL_STATS=0`` (nothing published) and ``leak_threshold=60``, both
+  ways; the "Feature costs" table gives their ratios.
 
 Cases (one op = acquire (+ query) + release), every connection in autocommit:
 
@@ -29,6 +32,7 @@ collector is off while a loop is timed, as in `timeit`.
 Usage::
 
     python benchmarks/bench_pools.py [--quick] [--dsn DSN] [--pin [CPU]] [--json PATH]
+                                     [--only TEXT ...]
 
 Without ``--dsn`` a throwaway server is started with `mppool.testserver` and stopped at
 the end. See ``benchmarks/README.md`` for what each column means.
@@ -61,6 +65,8 @@ CM = "connection()"
 GETPUT = "getconn/putconn"
 PERSISTENT = "PersistentConnectionPool.getconn() (held)"
 THREAD_CONN = "thread_connection() (held)"
+STATS_OFF = "MPPOOL_STATS=0"
+LEAK = "leak_threshold=60"
 
 Loop = Callable[[int], float]  # runs n ops, returns the seconds they took
 Query = Callable[[Any], object]  # runs QUERY on a connection and fetches the row
@@ -272,14 +278,37 @@ def mppool_attr(name: str) -> Callable[[], Any]:
     return get
 
 
-def pool_api(get_class: Callable[[], Any], method: str) -> Callable[[str], Contestant]:
-    """A pool with psycopg_pool 3.3's API (psycopg_pool itself, mppool), used one way."""
+def pool_api(
+    get_class: Callable[[], Any],
+    method: str,
+    extra: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> Callable[[str], Contestant]:
+    """A pool with psycopg_pool 3.3's API (psycopg_pool itself, mppool), used one way.
+
+    `extra`: more arguments for the pool; `env`: environment variables set while it
+    is created (mppool reads ``MPPOOL_STATS`` then).
+    """
 
     def open_(dsn: str) -> Contestant:
         cls = get_class()
-        pool = cls(
-            dsn, min_size=POOL_SIZE, max_size=POOL_SIZE, kwargs={"autocommit": True}, open=True
-        )
+        saved = {name: os.environ.get(name) for name in env or {}}
+        os.environ.update(env or {})
+        try:
+            pool = cls(
+                dsn,
+                min_size=POOL_SIZE,
+                max_size=POOL_SIZE,
+                kwargs={"autocommit": True},
+                open=True,
+                **(extra or {}),
+            )
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
         try:
             wait = getattr(pool, "wait", None)
             if wait is not None:
@@ -357,6 +386,9 @@ def open_thread_connection(dsn: str) -> Contestant:
     return Contestant(*held_get_loops(pool.thread_connection, psycopg_select), None, pool.close)
 
 
+_mp_pool = mppool_attr("ConnectionPool")
+_NO_STATS = {"MPPOOL_STATS": "0"}
+
 CONTESTANTS: list[Entry] = [
     Entry("held", "connection", open_held),
     Entry("psycopg_pool", CM, pool_api(psycopg_pool_class, CM)),
@@ -367,7 +399,17 @@ CONTESTANTS: list[Entry] = [
     Entry("mppool", GETPUT, pool_api(mppool_attr("ConnectionPool"), GETPUT)),
     Entry("mppool", PERSISTENT, open_persistent),
     Entry("mppool", THREAD_CONN, open_thread_connection),
+    *(
+        Entry("mppool", f"{method}, {STATS_OFF}", pool_api(_mp_pool, method, env=_NO_STATS))
+        for method in (CM, GETPUT)
+    ),
+    *(
+        Entry("mppool", f"{method}, {LEAK}", pool_api(_mp_pool, method, {"leak_threshold": 60}))
+        for method in (CM, GETPUT)
+    ),
 ]
+FEATURES = [(STATS_OFF, "publishing on / off (MPPOOL_STATS=0)"), (LEAK, "leak_threshold=60 / off")]
+"""Each optional feature, as its contestants' suffix, and how the ratio reads."""
 
 HELD = "held connection"
 PP_CM = f"psycopg_pool {CM}"
@@ -529,6 +571,8 @@ def run_all(
             c.close()
 
     for entry in CONTESTANTS:
+        if args.only and not any(text in entry.label for text in args.only):
+            continue
         try:
             open_[entry.label] = entry.open(dsn)
         except Skip as exc:
@@ -735,6 +779,36 @@ def report(run: dict[str, Any], env: dict[str, Any]) -> str:
             rows,
         )
     )
+    rows = []
+    for suffix, reading in FEATURES:
+        cells = []
+        for method in (CM, GETPUT):
+            plain, featured = f"mppool {method}", f"mppool {method}, {suffix}"
+            # MPPOOL_STATS=0 is the reference of its own ratio: on / off.
+            on, off = (plain, featured) if suffix == STATS_OFF else (featured, plain)
+            cells += [
+                fmt_ratio(res.paired(on, off, "acquire_release", ratio)),
+                fmt_signed(res.paired(on, off, "acquire_release", diff)),
+                fmt_ratio(res.paired(on, off, "select", ratio)),
+            ]
+        if any(cell != "-" for cell in cells):
+            rows.append([reading, *cells])
+    if rows:
+        out += ["", "## Feature costs (medians of per-round ratios and differences)", ""]
+        out.append(
+            md_table(
+                [
+                    "feature",
+                    f"{CM} acquire+release",
+                    f"{CM} us/op",
+                    f"{CM} with {QUERY}",
+                    f"{GETPUT} acquire+release",
+                    f"{GETPUT} us/op",
+                    f"{GETPUT} with {QUERY}",
+                ],
+                rows,
+            )
+        )
     extra = []
     for method in (PERSISTENT, THREAD_CONN):
         r = res.paired(f"mppool {method}", MP_GETPUT, "acquire_release", ratio)
@@ -810,6 +884,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="also write raw results to PATH")
     p.add_argument("--rounds", type=int, help="single-thread rounds (overrides the default)")
     p.add_argument("--duration", type=float, help="seconds per contention run")
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="TEXT",
+        help="run only the contestants whose label contains TEXT (repeatable), e.g. "
+        "--only mppool for mppool's rows and the feature costs",
+    )
     return p.parse_args(argv)
 
 
