@@ -7,10 +7,15 @@ contestant and usage style, this runs a loop of acquire+release (no query) under
 connecting cancelled out. Instructions are not time (a dict lookup and a system call
 differ), but they are a faithful ruler for Python-level code paths.
 
+mppool's optional features are counted the same way, each as a contestant of its
+own: ``mppool MPPOOL_STATS=0`` (nothing published; mppool publishes by default) and
+``mppool leak_threshold=60`` (every checkout watched). ``--features`` counts only
+mppool's three variants. The published records go to a throwaway runtime directory.
+
 Usage::
 
     PYTHONPATH=. python benchmarks/bench_instructions.py [--dsn DSN] [--n1 2000] [--n2 12000]
-        [--only IMPL ...]
+        [--only IMPL ...] [--features]
 
 Needs valgrind on PATH. Without ``--dsn``, starts a throwaway server.
 """
@@ -25,10 +30,16 @@ import subprocess
 import sys
 import tempfile
 
+STATS_OFF = "mppool MPPOOL_STATS=0"
+LEAK = "mppool leak_threshold=60"
 CASES = [
     ("mppool", "with"),
+    (STATS_OFF, "with"),
+    (LEAK, "with"),
     ("psycopg_pool", "with"),
     ("mppool", "getput"),
+    (STATS_OFF, "getput"),
+    (LEAK, "getput"),
     ("psycopg_pool", "getput"),
     ("psycopg2", "getput"),
 ]
@@ -48,10 +59,14 @@ def loop(impl: str, mode: str, n: int, dsn: str) -> None:
     else:
         extra: dict[str, object] = {}
         if impl.startswith("mppool"):
+            if impl == STATS_OFF:
+                os.environ["MPPOOL_STATS"] = "0"  # read when the pool is created
             import mppool as module
 
             if impl == "mppool+budget":  # in $MPPOOL_RUNTIME_DIR, which main() made
                 extra["budget"] = module.HostBudget("bench", 100)
+            elif impl == LEAK:
+                extra["leak_threshold"] = 60.0
         else:
             import psycopg_pool as module  # type: ignore[no-redef]
         pool = module.ConnectionPool(
@@ -110,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="IMPL",
         help="only this contestant (repeatable); mppool+budget runs only when named",
     )
+    p.add_argument("--features", action="store_true", help="only mppool and its features")
     p.add_argument("--run", nargs=3, metavar=("IMPL", "MODE", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.run:
@@ -118,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("valgrind") is None:
         print("valgrind is not on PATH", file=sys.stderr)
         return 1
+    os.environ.pop("MPPOOL_STATS", None)
     server = None
     if args.dsn:
         dsn = args.dsn
@@ -133,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|")
         cases = [c for c in CASES + BUDGET_CASES if c[0] in args.only] if args.only else CASES
         for impl, mode in cases:
+            if args.features and not impl.startswith("mppool"):
+                continue
             a = count(impl, mode, args.n1, dsn)
             b = count(impl, mode, args.n2, dsn)
             style = "`with pool.connection()`" if mode == "with" else "getconn + putconn"

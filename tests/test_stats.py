@@ -254,6 +254,69 @@ def test_torn_and_foreign_records_are_skipped(rt: Path, dsn: str) -> None:
         os.close(w)
 
 
+def test_a_write_landing_during_a_read_is_read_again_not_mixed(
+    rt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader's data read is split around a whole write: without the sequence
+    check after it, the reader would return half of each (valid JSON, wrong)."""
+    rt.mkdir()
+    monkeypatch.setattr(runtime.time, "time", lambda: 1_700_000_000.25)  # same-length writes
+    record = runtime.ProcessRecord.current(rt)
+    assert record is not None
+    record.publish("pools", [{"name": "mixed", "same": [1_000_001] * 500}])
+    real_pread = os.pread
+    writes = [1_000_002]
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        if offset == 0 or not writes:  # a header, or the write is done
+            return real_pread(fd, n, offset)
+        half = real_pread(fd, n // 2, offset)
+        record.publish("pools", [{"name": "mixed", "same": [writes.pop()] * 500}])
+        return half + real_pread(fd, n - n // 2, offset + n // 2)
+
+    monkeypatch.setattr(runtime.os, "pread", pread)
+    (read,) = runtime.read_records(rt)
+    assert not writes  # the write did land in the middle of a read
+    assert read.payload["pools"][0]["same"] == [1_000_002] * 500
+
+
+def test_reads_racing_a_writer_get_whole_records_and_a_killed_writer_goes(rt: Path) -> None:
+    """A writer rewrites its record as fast as it can; every record a reader gets is
+    one whole write (each write is one number repeated, so a mix of two shows), and
+    the writer killed in the middle of its stream of writes is gone at the next read."""
+    rt.mkdir()
+    ready_r, ready_w = os.pipe()
+
+    def child() -> None:
+        record = runtime.ProcessRecord.current(rt)
+        assert record is not None
+        time.time = lambda: 1_700_000_000.25  # same-length writes: a mix would parse
+        os.write(ready_w, b"x")
+        n = 1_000_000  # 7 digits throughout: every write has the same length
+        while True:  # until killed
+            n += 1
+            record.publish("pools", [{"name": "racing", "same": [n] * 2000}])
+
+    pid, fd = start_child(child)
+    try:
+        assert select.select([ready_r], [], [], 30)[0], "the writer did not start"
+        whole, values = 0, set()
+        for _ in range(1000):
+            for record in runtime.read_records(rt, clean=False):
+                (row,) = record.payload["pools"]
+                assert len(set(row["same"])) == 1, "a torn record was returned"
+                values.add(row["same"][0])
+                whole += 1
+        assert whole >= 100 and len(values) >= 10, (whole, len(values))  # it raced
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        for f in (fd, ready_r, ready_w):
+            os.close(f)
+    assert runtime.read_records(rt) == []
+    assert list(rt.glob("proc-*.rec")) == []  # the reader removed it
+
+
 def test_a_parked_pool_publishes_its_next_checkout(rt: Path, dsn: str) -> None:
     """Once nothing changes, the publisher ends and parks the pool: the next checkout
     (on the fast path otherwise) takes the slow path once and is published."""
