@@ -17,8 +17,11 @@ and, when it finally comes back, at INFO, with how long it was out.
 Who notices, when nothing else happens in the process? A *leak watcher*
 thread (`mppool.ondemand`), one per process, that sleeps until the earliest
 lending falls due, reports what is late, and ends when no watched pool has a
-connection lent that is not yet reported; a checkout of a watched pool starts
-it again. Without a watched lending there is no thread.
+connection lent that is not yet reported and none was lent for a whole
+threshold; a checkout of a watched pool starts it again. Without a watched
+lending there is no thread. The lingering matters: a watcher that ended as
+soon as nothing was out would be started (or woken) by nearly every
+checkout of a busy pool, and spin.
 
 The pools' side: `note` at each checkout (without the pool's lock), `late` in
 the pool's ``_leak_scan(now)`` (with it), `came_back` on the return path: what
@@ -41,6 +44,7 @@ import os
 import sys
 import weakref
 from collections.abc import Iterable
+from types import CodeType
 from typing import Any
 
 from .ondemand import OnDemandThread
@@ -63,6 +67,7 @@ DEPTH = 3
 """Calling frames noted per checkout (the innermost first)."""
 
 Frame = tuple[str, int, str]  # file, line, function
+_Site = tuple[CodeType, int]  # a frame's code and its last instruction's offset
 
 _MPPOOL_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _SKIPPED = (_MPPOOL_DIR, contextlib.__file__)
@@ -71,27 +76,45 @@ _SKIPPED = (_MPPOOL_DIR, contextlib.__file__)
 class Lending:
     """Where and when one lending began; plain values only."""
 
-    __slots__ = ("frames", "lent_at", "reported")
+    __slots__ = ("lent_at", "reported", "sites")
 
-    def __init__(self, lent_at: float, frames: tuple[Frame, ...]) -> None:
+    def __init__(self, lent_at: float, sites: tuple[_Site, ...]) -> None:
         self.lent_at = lent_at  # the member's own stamp (see accounting.Member)
-        self.frames = frames
+        self.sites = sites
         self.reported = False
 
+    @property
+    def frames(self) -> tuple[Frame, ...]:
+        """The calling frames, innermost first, as (file, line, function)."""
+        return tuple(
+            (code.co_filename, _line(code, lasti), code.co_name) for code, lasti in self.sites
+        )
+
     def where(self) -> str:
-        if not self.frames:
+        if not self.sites:
             return "an unknown place"
         first, *callers = (f"{file}:{line} in {func}" for file, line, func in self.frames)
         return ", called from ".join([first, *callers])
 
 
-def call_site(skip: int = 0, depth: int = DEPTH) -> tuple[Frame, ...]:
-    """The first `depth` calling frames outside mppool, as (file, line, function).
+def _line(code: CodeType, lasti: int) -> int:
+    """The source line of the instruction at byte offset `lasti` of `code`."""
+    for start, end, line in code.co_lines():
+        if start <= lasti < end and line is not None:
+            return line
+    return code.co_firstlineno
 
+
+def call_site(skip: int = 0, depth: int = DEPTH) -> tuple[_Site, ...]:
+    """The first `depth` calling frames outside mppool, as (code, last instruction).
+
+    Code objects and offsets, not frames: a frame keeps its locals alive, a code
+    object does not. Reading a frame's line number costs more than keeping its
+    offset, so `Lending.frames` maps offsets to lines when a report needs them.
     `skip`: frames known to be mppool's, jumped over at once (the walk makes
     an object of each frame it passes).
     """
-    found: list[Frame] = []
+    found: list[_Site] = []
     try:
         frame: Any = sys._getframe(skip + 1)
     except ValueError:  # not that deep
@@ -99,7 +122,7 @@ def call_site(skip: int = 0, depth: int = DEPTH) -> tuple[Frame, ...]:
     while frame is not None and len(found) < depth:
         code = frame.f_code
         if not code.co_filename.startswith(_SKIPPED):
-            found.append((code.co_filename, frame.f_lineno, code.co_name))
+            found.append((code, frame.f_lasti))
         frame = frame.f_back
     return tuple(found)
 
@@ -112,7 +135,9 @@ def note(member: Any, threshold: float, skip: int = 0) -> None:
     lent_at = member.lent_at
     if lent_at is None:
         return
+    global _noted
     member.site = Lending(lent_at, call_site(skip + 1))
+    _noted += 1  # a lost update is harmless: the watcher wants "changed", not how much
     watch(lent_at + threshold)
 
 
@@ -180,6 +205,10 @@ def back_message(name: str, site: Lending, now: float) -> tuple[int, str, tuple[
 # -- the watcher ---------------------------------------------------------------------
 
 _pools: weakref.WeakSet[Any] = weakref.WeakSet()
+_noted = 0
+"""Lendings noted by `note`, ever: the watcher lingers while the count moves."""
+_seen = 0
+"""`_noted` as the watcher's last scan found it."""
 
 
 def register(pool: Any) -> None:
@@ -193,13 +222,24 @@ def watch(due: float) -> None:
 
 
 def _scan(now: float) -> float | None:
-    """Report the late lendings of every watched pool; when the next falls due."""
-    next_due: float | None = None
+    """Report the late lendings of every watched pool; when to look again."""
+    global _seen
+    noted, next_due, shortest = _noted, None, None
     for pool in list(_pools):
         due, late = pool._leak_scan(now)
         _report(pool, late, now)
         if due is not None and (next_due is None or due < next_due):
             next_due = due
+        threshold = pool.leak_threshold
+        if threshold is not None and (shortest is None or threshold < shortest):
+            shortest = threshold
+    if noted != _seen and shortest is not None:
+        # Lent since the last scan, maybe back already: look again a threshold
+        # from now rather than end, so that the next checkouts find the thread
+        # asleep and leave it so (see the module docstring).
+        _seen = noted
+        linger = now + shortest
+        next_due = linger if next_due is None else min(next_due, linger)
     return next_due
 
 
