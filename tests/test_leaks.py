@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from mppool import (
     PersistentConnectionPool,
     ThreadedConnectionPool,
     leaks,
+    ondemand,
 )
 
 THRESHOLD = 0.2
@@ -84,6 +86,25 @@ def test_returned_in_time_says_nothing_and_no_thread_stays(
             conn.execute("SELECT 1")
     wait_until(watcher_gone, timeout=5, what="the watcher to end")
     assert not messages(log, logging.WARNING, "still not back")
+
+
+def test_the_watcher_sleeps_through_a_busy_pool(make_pool: Any) -> None:
+    """Checkouts returned in time leave one watcher thread asleep: not a thread
+    started, nor a wake-up, per checkout."""
+    pool = make_pool(min_size=1, leak_threshold=30)
+    job = leaks._watcher
+
+    def asleep() -> Any:
+        return job._run if job._until != ondemand.INFINITY else None
+
+    with pool.connection():
+        pass
+    run = wait_until(asleep, what="the watcher asleep")
+    for _ in range(20):
+        with pool.connection():
+            pass
+        assert wait_until(asleep) is run
+    assert job._until - time.monotonic() > 20  # a threshold from the last scan
 
 
 @pytest.mark.parametrize("kind", ["null", "threaded", "persistent"])
