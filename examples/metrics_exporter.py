@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from wsgiref.simple_server import make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -27,13 +28,19 @@ def main(port: int) -> None:
     registry = CollectorRegistry()
     registry.register(PoolCollector())
     server = make_server("127.0.0.1", port, make_wsgi_app(registry))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+    def stop(*_: object) -> None:
+        # Not an exception raised from the handler: wsgiref's request handling
+        # swallows any exception, SystemExit included, if the signal lands there.
+        # shutdown() waits for serve_forever to end, so it runs in a thread.
+        threading.Thread(target=server.shutdown).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     print(f"serving the pools' metrics on http://127.0.0.1:{server.server_port}/metrics")
     sys.stdout.flush()
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    server.serve_forever()
+    server.server_close()
 
 
 if __name__ == "__main__":

@@ -231,7 +231,9 @@ def _scan(now: float) -> float | None:
         if due is not None and (next_due is None or due < next_due):
             next_due = due
         threshold = pool.leak_threshold
-        if threshold is not None and (shortest is None or threshold < shortest):
+        if pool.closed or threshold is None:
+            continue  # a closed pool lends nothing: its threshold is no reason to linger
+        if shortest is None or threshold < shortest:
             shortest = threshold
     if noted != _seen and shortest is not None:
         # Lent since the last scan, maybe back already: look again a threshold
