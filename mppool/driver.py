@@ -177,6 +177,9 @@ class SyncDriver(forking.ForkAware):
             return None
         figures = acct.figures()
         figures["name"] = self.name
+        budget = self._budget
+        if budget is not None:  # its use host-wide is the readers' to count
+            figures["budget"] = {"name": budget.name, "limit": budget.limit}
         return figures
 
     def _park(self, expected: dict[str, Any]) -> bool:

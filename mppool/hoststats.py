@@ -20,7 +20,16 @@ from typing import Any, TextIO
 
 from . import exitstatus, runtime
 
-__all__ = ["JSON_KEYS", "PublishedPool", "as_json", "read_pools", "run", "table"]
+__all__ = [
+    "JSON_KEYS",
+    "BudgetUse",
+    "PublishedPool",
+    "as_json",
+    "read_budgets",
+    "read_pools",
+    "run",
+    "table",
+]
 
 JSON_KEYS = (
     "pid",
@@ -58,23 +67,59 @@ class PublishedPool:
         return str(self.row.get("name"))
 
 
-def budget_of(record: runtime.PublishedRecord, row: dict[str, Any]) -> dict[str, Any] | None:
-    """The host-wide budget a pool draws on: ``{"name", "limit", "used"}``, or None.
+@dataclass
+class BudgetUse:
+    """A host budget as the runtime directory tells: its slots used, by whom."""
 
-    The place where the host-budget feature plugs in: a pool's entry may carry
-    its budget as such a dict, or as the name of an entry of the record's
-    ``"budgets"`` section (``{name: {"limit": ..., "used": ...}}``).
-    """
+    name: str
+    limit: int | None
+    used: int | None
+    """Slots held host-wide: the kernel's count of the budget's locks when its file
+    is in the directory read, else the sum of what the processes' records say."""
+    holders: dict[int, int]
+    """{pid: slots held}, from the records of the processes that publish one."""
+
+
+def read_budgets(
+    directory: Path, records: list[runtime.PublishedRecord] | None = None
+) -> dict[str, BudgetUse]:
+    """Every host budget of `directory` (`mppool.budget`), by name."""
+    if records is None:
+        records = runtime.read_records(directory)
+    found: dict[str, BudgetUse] = {}
+    for record in records:
+        section = record.payload.get("budgets")
+        if not isinstance(section, dict):
+            continue
+        for name, entry in section.items():
+            if not (isinstance(name, str) and isinstance(entry, dict)):
+                continue
+            use = found.setdefault(name, BudgetUse(name, None, 0, {}))
+            limit, held = entry.get("limit"), entry.get("held")
+            if isinstance(limit, int):
+                use.limit = limit
+            if isinstance(held, int) and held > 0:
+                use.holders[record.pid] = held
+                use.used = (use.used or 0) + held
+    try:
+        from .budget import survey
+
+        for report in survey(directory):
+            use = found.setdefault(report.name, BudgetUse(report.name, None, None, {}))
+            use.limit, use.used = report.limit, report.used  # the kernel's count wins
+    except OSError:
+        pass  # no budget file to read: the records' figures stand
+    return found
+
+
+def budget_of(row: dict[str, Any], budgets: dict[str, BudgetUse]) -> dict[str, Any] | None:
+    """The host budget a pool draws on, as ``{"name", "limit", "used"}``, or None."""
     budget = row.get("budget")
-    if isinstance(budget, str):
-        budgets = record.payload.get("budgets")
-        entry = budgets.get(budget) if isinstance(budgets, dict) else None
-        if not isinstance(entry, dict):
-            return None
-        budget = {"name": budget, "limit": entry.get("limit"), "used": entry.get("used")}
-    if isinstance(budget, dict) and {"name", "limit", "used"} <= budget.keys():
-        return {k: budget[k] for k in ("name", "limit", "used")}
-    return None
+    if not (isinstance(budget, dict) and isinstance(budget.get("name"), str)):
+        return None
+    use = budgets.get(budget["name"])
+    limit = budget.get("limit") if use is None or use.limit is None else use.limit
+    return {"name": budget["name"], "limit": limit, "used": None if use is None else use.used}
 
 
 def read_pools(directory: str | os.PathLike[str] | None = None) -> list[PublishedPool]:
@@ -82,9 +127,11 @@ def read_pools(directory: str | os.PathLike[str] | None = None) -> list[Publishe
 
     Raises `mppool.runtime.Unsupported` where records cannot be read (not Linux).
     """
-    path = Path(directory) if directory is not None else None
+    path = Path(directory) if directory is not None else runtime.runtime_dir(create=False)
+    records = runtime.read_records(path)
+    budgets = read_budgets(path, records)
     pools = []
-    for record in runtime.read_records(path):
+    for record in records:
         rows = record.payload.get("pools")
         if not isinstance(rows, list):
             continue
@@ -92,7 +139,7 @@ def read_pools(directory: str | os.PathLike[str] | None = None) -> list[Publishe
             if isinstance(row, dict) and isinstance(row.get("name"), str):
                 pools.append(
                     PublishedPool(
-                        record.pid, record.role, record.updated, row, budget_of(record, row)
+                        record.pid, record.role, record.updated, row, budget_of(row, budgets)
                     )
                 )
     pools.sort(key=lambda p: (p.pid, p.name))
@@ -143,8 +190,13 @@ COLUMNS = (
 )
 
 
-def table(pools: list[PublishedPool], now: float | None = None) -> str:
-    """The pools as a text table, one line each, and the host's totals."""
+def table(
+    pools: list[PublishedPool],
+    now: float | None = None,
+    budgets: dict[str, BudgetUse] | None = None,
+) -> str:
+    """The pools as a text table, one line each, the host's totals, and a line per
+    host budget (`read_budgets`): its limit, slots used, and by which pids."""
     now = time.time() if now is None else now
     rows = []
     for p in pools:
@@ -190,6 +242,12 @@ def table(pools: list[PublishedPool], now: float | None = None) -> str:
         f"{len(pools)} pool(s) in {processes} process(es): {total('size')} connection(s), "
         f"{total('used')} used, {total('idle')} idle; {total('waiting')} request(s) waiting"
     )
+    for use in sorted((budgets or {}).values(), key=lambda u: u.name):
+        by_pid = ", ".join(f"pid {pid}: {n}" for pid, n in sorted(use.holders.items()))
+        out.append(
+            f"budget {use.name!r}: limit {_cell(use.limit)}, {_cell(use.used)} used"
+            + (f" ({by_pid})" if by_pid else "")
+        )
     return "\n".join(out)
 
 
@@ -212,6 +270,7 @@ ENV_STATS_OFF = "MPPOOL_STATS=0"
 
 def _once(fmt: str, directory: Path, out: TextIO, err: TextIO) -> None:
     pools = read_pools(directory)
+    budgets = read_budgets(directory) if fmt == "table" else {}
     if fmt == "json":
         out.write(json.dumps({"pools": [as_json(p) for p in pools]}) + "\n")
     elif fmt == "prometheus":
@@ -219,7 +278,7 @@ def _once(fmt: str, directory: Path, out: TextIO, err: TextIO) -> None:
 
         out.write(exposition(directory))
     else:
-        out.write((table(pools) if pools else _nothing(directory)) + "\n")
+        out.write((table(pools, budgets=budgets) if pools else _nothing(directory)) + "\n")
         return
     if not pools:
         err.write(f"mppool stats: {_nothing(directory)}\n")

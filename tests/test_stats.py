@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from forkutil import in_child, start_child
+from forkutil import finish_child, in_child, start_child
 from polling import wait_until
 
 from mppool import (
@@ -160,6 +160,54 @@ def test_table_and_host_totals(rt: Path, holders: Callable[[int], list[Holder]])
     assert lines[0].split()[:3] == ["PID", "ROLE", "POOL"]
     assert sum(" orders " in line for line in lines) == 2
     assert "connection(s)" in lines[-1] and "2 used" in lines[-1]
+
+
+def test_budgets_carried_in_json_and_table(rt: Path, dsn: str) -> None:
+    """Pools under a host budget show it (name, limit, slots used host-wide), and the
+    table says which pids hold its slots, as their records tell."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+
+    def child() -> None:
+        from mppool import HostBudget
+
+        pool = ConnectionPool(
+            dsn, min_size=2, name="budgeted", open=True, budget=HostBudget("shared", 5)
+        )
+        pool.wait(timeout=20)
+        conn = pool.getconn()
+        os.write(ready_w, b"x")
+        os.read(go_r, 1)
+        pool.putconn(conn)
+        pool.close()
+
+    kids = [start_child(child) for _ in range(2)]
+    try:
+        for _ in kids:
+            assert select.select([ready_r], [], [], 30)[0], "a child did not start"
+            os.read(ready_r, 1)
+        pids = {pid for pid, _ in kids}
+
+        def listed() -> list[dict[str, Any]]:
+            rows = json.loads(stats_cmd("--json").stdout)["pools"]
+            rows = [r for r in rows if r["pid"] in pids]
+            ok = len(rows) == 2 and all(r["budget"] and r["budget"]["used"] == 4 for r in rows)
+            return rows if ok else []
+
+        rows = wait_until(listed, what="both pools with the budget's 4 slots used")
+        assert all(r["budget"] == {"name": "shared", "limit": 5, "used": 4} for r in rows)
+        text = stats_cmd().stdout
+        assert "shared 4/5" in text
+        (line,) = [x for x in text.splitlines() if x.startswith("budget 'shared'")]
+        assert "limit 5, 4 used" in line
+        for pid in pids:
+            assert f"pid {pid}: 2" in line
+    finally:
+        os.write(go_w, b"x" * len(kids))
+        for pid, fd in kids:
+            finish_child(pid, fd)
+        for f in (ready_r, ready_w, go_r, go_w):
+            os.close(f)
 
 
 def test_nothing_published_says_so_and_exits_0(tmp_path: Path) -> None:
