@@ -376,3 +376,14 @@ def one_process_per_backend(rows: list[tuple[int, Any]]) -> dict[Any, set[int]]:
     shared = {b: pids for b, pids in served.items() if len(pids) > 1}
     assert not shared, f"backends used by more than one process: {shared}"
     return served
+
+
+def default_interrupts() -> None:
+    """A `preexec_fn` that gives the child SIGINT and SIGTERM at their defaults.
+
+    As from a terminal: a shell without job control starts background commands
+    (`.ci/run &`) with SIGINT ignored, children inherit that, and a program that
+    finds SIGINT ignored rightly leaves it so (as under nohup).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers_procs import default_interrupts
 from psycopg.conninfo import make_conninfo
 
 from mppool import runtime
@@ -463,11 +464,6 @@ def session_members(sid: int) -> list[int]:
     return members
 
 
-def _default_interrupts() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 @pytest.mark.parametrize(
@@ -488,10 +484,7 @@ def test_interrupt_stops_everything(
             stdout=subprocess.PIPE,
             stderr=err,
             text=True,
-            # As from a terminal: a shell without job control starts background
-            # commands (`.ci/run &`) with SIGINT ignored, and the demo, like any
-            # program run under nohup, leaves an ignored signal ignored.
-            preexec_fn=_default_interrupts,
+            preexec_fn=default_interrupts,
         )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=read_lines, args=(proc.stdout, lines), daemon=True).start()

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from forkutil import finish_child, in_child, start_child
+from helpers_procs import default_interrupts
 from polling import wait_until
 
 from mppool import (
@@ -254,6 +255,7 @@ def test_watch_repeats_until_ctrl_c(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        preexec_fn=default_interrupts,
     )
     try:
         assert proc.stdout is not None
