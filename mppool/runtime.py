@@ -365,7 +365,37 @@ def read_records(directory: Path | None = None, clean: bool = True) -> list[Publ
         record = _read_one(path, clean)
         if record is not None:
             records.append(record)
+    if clean:
+        _remove_unfinished(directory)
     return records
+
+
+# A record is made under a temporary name, locked, then renamed (see
+# ProcessRecord): one left under that name belongs to a process killed in
+# between. Its maker locks it within microseconds of creating it, so an
+# unlocked one this old has no maker left.
+_UNFINISHED_AGE = 60.0
+
+
+def _remove_unfinished(directory: Path) -> None:
+    try:
+        leftovers = list(directory.glob(".making-*"))
+    except OSError:
+        return
+    for path in leftovers:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if time.time() - os.fstat(fd).st_mtime > _UNFINISHED_AGE and not lock_held(
+                fd, _LIVE_BYTE
+            ):
+                os.unlink(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _record_paths(directory: Path) -> Iterator[Path]:

@@ -132,6 +132,29 @@ def test_a_record_being_made_is_not_taken_for_a_dead_ones(
     record.close()
 
 
+def test_a_record_whose_maker_died_before_naming_it_is_removed(tmp_path: Path) -> None:
+    """Left under its temporary name by a process killed between making and renaming it."""
+    old = time.time() - 2 * runtime._UNFINISHED_AGE
+    dead = tmp_path / ".making-dead"
+    dead.write_bytes(b"\0" * 8)
+    os.utime(dead, (old, old))
+    fresh = tmp_path / ".making-fresh"  # its maker may be about to lock it
+    fresh.write_bytes(b"\0" * 8)
+    held = tmp_path / ".making-held"  # a maker stopped (SIGSTOP) before renaming
+    held.write_bytes(b"\0" * (runtime._LIVE_BYTE + 1))
+    os.utime(held, (old, old))
+    fd = os.open(held, os.O_RDWR)
+    try:
+        assert runtime.try_lock(fd, runtime._LIVE_BYTE)
+        assert runtime.read_records(tmp_path) == []
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".making-fresh", ".making-held"]
+        assert runtime.read_records(tmp_path, clean=False) == []
+    finally:
+        os.close(fd)
+    runtime.read_records(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".making-fresh"]
+
+
 def test_sections_are_kept_side_by_side(tmp_path: Path) -> None:
     record = runtime.ProcessRecord.current(tmp_path)
     assert record is not None
