@@ -4,10 +4,13 @@ Pools opened before a fork (gunicorn ``--preload``, celery's main process,
 ``multiprocessing``) keep working in parent and children: a child never sends
 a byte on a connection it inherited and opens its own on first use.
 
-The API is psycopg_pool's (`ConnectionPool`, `NullConnectionPool`) and
-psycopg2.pool's, so adopting mppool is a change of import.
+The API is psycopg_pool's (`ConnectionPool`, `NullConnectionPool`,
+`AsyncConnectionPool`, `AsyncNullConnectionPool`) and psycopg2.pool's, so
+adopting mppool is a change of import.
 """
 
+from .async_null_pool import AsyncNullConnectionPool
+from .async_pool import AsyncConnectionPool
 from .budget import HostBudget
 from .errors import PoolClosed, PoolError, PoolMisuse, PoolTimeout, TooManyRequests
 from .null_pool import NullConnectionPool
@@ -21,6 +24,8 @@ from .psycopg2_pool import (
 
 __all__ = [
     "AbstractConnectionPool",
+    "AsyncConnectionPool",
+    "AsyncNullConnectionPool",
     "ConnectionPool",
     "HostBudget",
     "NullConnectionPool",

@@ -63,22 +63,14 @@ class Connector:
         """
         conninfo = self.conninfo() if callable(self.conninfo) else self.conninfo
         kwargs = self.kwargs() if callable(self.kwargs) else self.kwargs
-        if timeout is not None and "connect_timeout" not in kwargs:
-            if not _sets_connect_timeout(conninfo):
-                seconds = max(MIN_CONNECT_TIMEOUT, math.ceil(timeout))
-                kwargs = {**kwargs, "connect_timeout": int(seconds)}
+        kwargs = bounded(conninfo, kwargs, timeout)
         conn = None
         try:
             conn = self.connection_class.connect(conninfo, **kwargs)
             conn._pool = None  # psycopg: a pooled connection, so no ResourceWarning at exit
             if self.configure is not None:
                 self.configure(conn)
-            status = conn.pgconn.transaction_status
-            if status != TransactionStatus.IDLE:
-                raise psycopg.ProgrammingError(
-                    f"the configure function left the connection in status "
-                    f"{TransactionStatus(status).name}; commit or roll back inside it"
-                )
+            check_configured(conn)
         except BaseException as exc:
             _mask_password(exc, password_of(conninfo, kwargs))
             if conn is not None:
@@ -88,6 +80,31 @@ class Connector:
                     pass
             raise
         return conn
+
+
+def bounded(conninfo: str, kwargs: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    """`kwargs` with ``connect_timeout`` bounding the attempt to `timeout`, unless the user
+    set one in the conninfo or the keyword arguments."""
+    if timeout is not None and "connect_timeout" not in kwargs:
+        if not _sets_connect_timeout(conninfo):
+            seconds = max(MIN_CONNECT_TIMEOUT, math.ceil(timeout))
+            kwargs = {**kwargs, "connect_timeout": int(seconds)}
+    return kwargs
+
+
+def check_configured(conn: Any) -> None:
+    """Raise if the ``configure`` callback left `conn` in a transaction."""
+    status = conn.pgconn.transaction_status
+    if status != TransactionStatus.IDLE:
+        raise psycopg.ProgrammingError(
+            f"the configure function left the connection in status "
+            f"{TransactionStatus(status).name}; commit or roll back inside it"
+        )
+
+
+def mask_password(exc: BaseException, conninfo: str, kwargs: dict[str, Any]) -> None:
+    """Mask the connection's password wherever `exc` quotes it."""
+    _mask_password(exc, password_of(conninfo, kwargs))
 
 
 def _mask_password(exc: BaseException, password: str | None) -> None:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from . import forking, leaks, publish
 from .accounting import Accounting, Attempt, Effects, Policy
 from .budget import POLL_FIRST, POLL_MAX, RESCAN
+from .closing import close_now
 from .errors import PoolClosed, PoolTimeout
 from .opener import Opener
 
@@ -647,6 +648,10 @@ class SyncDriver(forking.ForkAware):
             cancel, self._cancel = self._cancel, threading.Event()
         cancel.set()
         self._apply(fx)
+        self._wait_settled(timeout)
+
+    def _wait_settled(self, timeout: float) -> None:
+        """Wait up to `timeout` for the disowned attempts under way to end."""
         if timeout > 0:
             deadline = monotonic() + timeout
             with self._lock:
@@ -696,7 +701,7 @@ def lent_by(conn: Any, pool: Any, stamp: Any = None) -> bool:
 def close_quietly(conn: Any) -> None:
     """Close a pool's connection, then give back its budget slot, if it has one."""
     try:
-        conn.close()
+        close_now(conn)  # an AsyncConnection's too, from wherever the effects are applied
     except Exception as exc:
         logger.debug("mppool: error closing a connection: %s", exc)
     slot = getattr(conn, "_mppool_slot", None)

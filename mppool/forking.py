@@ -34,6 +34,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from .closing import close_now
+
 logger = logging.getLogger("mppool")
 
 __all__ = [
@@ -169,7 +171,7 @@ def neutralise(conn: Any) -> None:
         finally:
             os.close(devnull)
     with contextlib.suppress(Exception):
-        conn.close()
+        close_now(conn)  # an AsyncConnection's close() is a coroutine: run it here
 
 
 def is_orphan(conn: Any) -> bool:

@@ -10,6 +10,11 @@ alive in the current process, whatever its class and wherever it was created
   a parent process holds no connection while its children work;
 - `close_pools`: close each pool, newest first.
 
+Async pools (`mppool.AsyncConnectionPool`) are acted on through their
+synchronous entry points (``open_sync``, ``disconnect_sync``, ``close_sync``):
+the hooks run outside any event loop. An async pool opened here fills in the
+first loop that uses it (a worker's first request, or its lifespan startup).
+
 A pool opts out with ``pool.managed = False``: the hooks then leave it alone,
 and it is the application's to open and close (mppool still rebuilds it after a
 fork, and still closes it at interpreter exit).
@@ -64,6 +69,11 @@ def _own(pool: Any) -> None:
         forking.rebuild()
 
 
+def _sync(pool: Any, action: str) -> Any:
+    """`pool`'s method for `action` that runs outside any event loop."""
+    return getattr(pool, f"{action}_sync", None) or getattr(pool, action)
+
+
 def open_pools() -> int:
     """Open every managed pool without blocking; how many are open now.
 
@@ -75,7 +85,7 @@ def open_pools() -> int:
     for pool in managed_pools():
         try:
             _own(pool)
-            pool.open()
+            _sync(pool, "open")()
         except PoolClosed:
             logger.debug("mppool: %r was closed: not reopening it", pool)
         except Exception:
@@ -96,7 +106,7 @@ def disconnect_pools(settle: float = SETTLE_TIMEOUT) -> int:
     for pool in managed_pools():
         try:
             _own(pool)
-            pool.disconnect(timeout=settle)
+            _sync(pool, "disconnect")(timeout=settle)
         except Exception:
             logger.exception("mppool: disconnecting %r failed", pool)
         else:
@@ -119,7 +129,7 @@ def close_pools(timeout: float = 5.0) -> int:
             _own(pool)
             if getattr(pool, "closed", False):
                 continue
-            pool.close(timeout)
+            _sync(pool, "close")(timeout)
         except Exception:
             logger.exception("mppool: closing %r failed", pool)
         else:
