@@ -134,6 +134,27 @@ def test_metrics_exporter(tmp_path: Path) -> None:
             proc.wait()
 
 
+def test_asgi_app(pg: Any, tls_dsn: str, tmp_path: Path) -> None:
+    """The FastAPI example under gunicorn --preload with uvicorn workers."""
+    pytest.importorskip("fastapi", reason="the asgi extra is not installed")
+    pytest.importorskip("uvicorn_worker", reason="the asgi extra is not installed")
+    env = app_env(DATABASE_URL=tls_dsn)
+    log = tmp_path / "gunicorn.log"
+    args = ["-c", "python:mppool.hooks.gunicorn", "-k", "uvicorn_worker.UvicornWorker"]
+    args += ["--preload", "-w", "2", "examples.asgi_app:app"]
+    with gunicorn(args, env, log) as server:
+        workers = server.wait_workers(2)
+        results = server.burst("/?sleep=0.01", 120, 16)
+        assert {r["pid"] for r in results} <= workers
+        one_process_per_backend([(r["pid"], r["backend"]) for r in results])
+        assert pg.count() <= 2 * 4, "workers x max_size"
+        stats = server.get("/stats")
+        assert stats["pool_max"] == 4 and stats["pid"] in workers
+        assert server.stop(signal.SIGTERM) == 0
+    pg.wait_count(0)
+    assert_no_password(tls_dsn, log)
+
+
 def test_celery_app(pg: Any, tls_dsn: str, tmp_path: Path) -> None:
     table = new_tag()
     env = app_env(

@@ -34,14 +34,18 @@ What each hook does, in the order gunicorn calls them:
 of the master's to close then. Set ``pool.managed = False`` to keep a pool
 out of all this.
 
-gevent, eventlet, tornado, the asgi worker and uvicorn's workers are not
-covered (an async pool comes later): use the sync or gthread worker.
+uvicorn's workers (``-k uvicorn_worker.UvicornWorker``) are covered with
+mppool's async pools (`mppool.AsyncConnectionPool`): the hooks act on them
+through their synchronous entry points, and each worker's pools fill in its
+own event loop. gevent, eventlet and tornado workers are not covered.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import signal
+import threading
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
@@ -94,10 +98,35 @@ def post_fork(server: Any, worker: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """Worker, app loaded: open the managed pools the app created, without waiting."""
+    """Worker, app loaded: open the managed pools the app created, without waiting.
+
+    A worker that leaves SIGTERM and SIGINT to their default action (uvicorn's
+    workers do: once the server has shut down, they raise the signal again and
+    the process dies there, with no ``worker_exit`` and no ``atexit``) gets a
+    handler that closes the managed pools first, then dies the same way.
+    """
+    _close_before_default_death()
     n = open_pools()
     if n:
         _log(worker, "mppool: worker %s opened %d pool(s), filling them", os.getpid(), n)
+
+
+def _close_before_default_death() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _close_and_die)
+
+
+def _close_and_die(signum: int, frame: Any) -> None:
+    """Close the managed pools (waiting for no lock: this is a signal handler), then let
+    the signal do what it would have done."""
+    try:
+        close_pools(timeout=0)
+    finally:
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
 
 
 def worker_abort(worker: Any) -> None:
