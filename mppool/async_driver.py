@@ -194,13 +194,16 @@ class AsyncDriver(SyncDriver):
     async def _wait_async(self, waiter: AsyncWaiter, deadline: float, timeout: float) -> Any:
         """Wait until the accounting hands `waiter` a connection, or the deadline.
 
-        As `SyncDriver._wait`: in slices (4 ms, doubling up to 0.25 s), looking
-        around between them. Cancelled, the waiter leaves the queue or gives
-        back what it was handed (`SyncDriver._abandon`), then the cancellation
-        goes on.
+        As `SyncDriver._wait`, in slices, looking around between them (a slot
+        freed by a lost connection's reclaim, an attempt that needs a loop).
+        The async pools hand every returned connection to the oldest waiter
+        (``handoff_after=0``): none is left idle for a waiter's tick to find,
+        so the slices are long (0.25 s) and a waiter served in time arms one
+        timer. Cancelled, the waiter leaves the queue or gives back what it
+        was handed (`SyncDriver._abandon`), then the cancellation goes on.
         """
         loop = waiter.loop
-        slice_ = self._policy.look_after
+        slice_ = self._policy.look_after if self._policy.handoff_after else MAX_TICK
         try:
             while True:
                 fut = waiter.fut

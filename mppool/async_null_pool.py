@@ -37,7 +37,7 @@ class AsyncNullConnectionPool(AsyncConnectionPool[ACT]):
     mppool async pool.
     """
 
-    _policy = Policy(idle_cap=0, inline="room", refill=False)
+    _policy = Policy(idle_cap=0, inline="room", refill=False, handoff_after=0.0)
 
     def __init__(
         self,

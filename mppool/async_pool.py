@@ -178,7 +178,9 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
             by a task of the loop using the pool.
     """
 
-    _policy = Policy(idle_cap=None, inline="empty", refill=True)
+    # A returned connection always goes to the oldest waiter: a task switch costs little
+    # in asyncio, and so waiters need no short ticks (see `AsyncDriver._wait_async`).
+    _policy = Policy(idle_cap=None, inline="empty", refill=True, handoff_after=0.0)
 
     @overload
     def __init__(

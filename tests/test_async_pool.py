@@ -153,7 +153,7 @@ def test_timeout_max_waiting_and_no_lost_waiter(dsn: str) -> None:
         pool = await opened(dsn, min_size=1, max_waiting=1)
         try:
             held = await pool.getconn()
-            with pytest.raises(PoolTimeout, match="after 0.10 sec"):
+            with pytest.raises(PoolTimeout, match=r"after 0\.10 sec"):
                 await pool.getconn(timeout=0.1)
             # the timed-out waiter left the queue: max_waiting counts live waiters only
             waiting = asyncio.ensure_future(pool.getconn(timeout=5))

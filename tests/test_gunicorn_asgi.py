@@ -50,7 +50,9 @@ def test_preload_uvicorn_workers(pg: Any, tls_dsn: str, tmp_path: Path, opened: 
     """The pool opened in an asyncio.run() at import in the master (its loop ended before
     the fork), or in each worker's lifespan: every worker serves from its own loop."""
     tag = new_tag()
-    env = app_env(MPPOOL_TEST_APP_DSN=tls_dsn, MPPOOL_TEST_APP_TAG=tag, MPPOOL_TEST_APP_OPEN=opened)
+    env = app_env(
+        MPPOOL_TEST_APP_DSN=tls_dsn, MPPOOL_TEST_APP_TAG=tag, MPPOOL_TEST_APP_OPEN=opened
+    )
     log = tmp_path / "gunicorn.log"
     clean = abandoned(pg)
     with gunicorn([*ARGS, "-w", "2", "probe_asgi:app"], env, log) as server:
@@ -99,7 +101,7 @@ def test_control_psycopg_pool_warmed_in_the_master_breaks(
         wait_until(lambda: len(server.children()) == 2, 20, "2 workers")
         try:
             results = server.burst("/?sleep=0.01", 80, 16)
-        except Exception as exc:  # noqa: BLE001 (an HTTP 500, a reset, a timeout)
+        except Exception as exc:  # an HTTP 500, a reset, a timeout
             broken = f"{type(exc).__name__}: {exc}"
         else:
             rows = [(r["pid"], tuple(r["backend"])) for r in results]
