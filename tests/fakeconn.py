@@ -101,3 +101,34 @@ def goodbyes(peer: socket.socket) -> bytes:
         return b""
     except OSError:
         return b""
+
+
+class FakeAsyncConnection(FakeConnection):
+    """Quacks like the parts of psycopg.AsyncConnection an async pool uses."""
+
+    made: ClassVar[weakref.WeakSet[FakeConnection]] = FakeConnection.made
+
+    @classmethod
+    async def connect(cls, conninfo: str = "", **kwargs: Any) -> FakeAsyncConnection:  # type: ignore[override]
+        conn = FakeConnection.connect.__func__(cls, conninfo, **kwargs)  # type: ignore[attr-defined]
+        assert isinstance(conn, FakeAsyncConnection)
+        return conn
+
+    async def execute(self, query: str, params: Any = None) -> None:  # type: ignore[override]
+        FakeConnection.execute(self, query, params)
+
+    async def rollback(self) -> None:  # type: ignore[override]
+        FakeConnection.rollback(self)
+
+    async def commit(self) -> None:  # type: ignore[override]
+        FakeConnection.commit(self)
+
+    async def set_autocommit(self, value: bool) -> None:
+        self.autocommit = value
+
+    async def close(self) -> None:  # type: ignore[override]
+        pool = self._pool
+        if not self.closed and pool is not None and getattr(pool, "close_returns", False):
+            await pool.putconn(self)
+            return
+        FakeConnection.close(self)

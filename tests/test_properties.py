@@ -55,11 +55,14 @@ class Injected(Exception):
     """Raised by the tracer at a chosen line of mppool's code, as a signal handler would."""
 
 
-def run_injected(fn: Callable[[], Any], at: int) -> Any:
+def run_injected(
+    fn: Callable[[], Any], at: int, spared: Callable[[Any], bool] = lambda frame: False
+) -> Any:
     """Run `fn()`, raising `Injected` at the `at`-th point of mppool's code where a
     signal handler could run: a Python function's entry, or just after a call to a C
     function returns (what ``sys.setprofile`` reports as "call" and "c_return").
-    CPython runs signal handlers exactly there (and on loop back-edges)."""
+    CPython runs signal handlers exactly there (and on loop back-edges). Frames
+    for which `spared(frame)` is true are skipped."""
     count = 0
 
     def profiler(frame: Any, event: str, arg: Any) -> None:
@@ -69,6 +72,8 @@ def run_injected(fn: Callable[[], Any], at: int) -> Any:
         code = frame.f_code
         if not code.co_filename.startswith(MPPOOL_DIR) or code.co_name == "__del__":
             return  # (an exception raised in a finalizer is only printed: CPython's rule)
+        if spared(frame):
+            return
         count += 1
         if count == at:
             raise Injected
@@ -89,7 +94,21 @@ class PoolMachine(RuleBasedStateMachine):
         super().__init__()
         FakeConnection.fail_connects = False
         self.configure_fails = False
-        self.pool = self.pool_class(
+        self.pool = self._make_pool()
+        self.max_size = self.sizes["max_size"]
+        self.held: list[Any] = []
+        # Weakly: a caller holding on to a connection it returned would keep open a
+        # connection the pool let go of (and meant to close) in an interrupted call.
+        self.returned: list[weakref.ref[Any]] = []
+        self.closed = False
+
+    @staticmethod
+    def _spared(frame: Any) -> bool:
+        """Frames `injected` raises in no exception (see `run_injected`)."""
+        return False
+
+    def _make_pool(self) -> Any:
+        return self.pool_class(
             connection_class=FakeConnection,
             open=True,
             timeout=2.0,
@@ -98,12 +117,6 @@ class PoolMachine(RuleBasedStateMachine):
             **self.sizes,
             **self.options(),
         )
-        self.max_size = self.sizes["max_size"]
-        self.held: list[Any] = []
-        # Weakly: a caller holding on to a connection it returned would keep open a
-        # connection the pool let go of (and meant to close) in an interrupted call.
-        self.returned: list[weakref.ref[Any]] = []
-        self.closed = False
 
     def options(self) -> dict[str, Any]:
         """More arguments for the pool (a subclass's)."""
@@ -241,7 +254,7 @@ class PoolMachine(RuleBasedStateMachine):
             return None
 
         try:
-            got = run_injected(run, at)
+            got = run_injected(run, at, self._spared)
         except (Injected, psycopg.OperationalError, KeyboardInterrupt):
             got = None
         box.clear()  # whatever the interrupted call left lent is lost: reclaimed
@@ -264,7 +277,7 @@ class PoolMachine(RuleBasedStateMachine):
     @precondition(lambda self: not self.closed)
     @rule(grow=st.booleans())
     def resize(self, grow: bool) -> None:
-        if self.pool_class is NullConnectionPool:
+        if "min_size" not in self.sizes:  # a null pool
             self.max_size = MAX_SIZE + 1 if grow else MAX_SIZE
             self.pool.resize(0, self.max_size)
         else:
@@ -314,6 +327,11 @@ class PoolMachine(RuleBasedStateMachine):
             gc.collect()
             assert self._problems() == []
 
+    @property
+    def lender(self) -> Any:
+        """The pool the connections are lent by (`self.pool` may drive another)."""
+        return self.pool
+
     def _problems(self) -> list[str]:
         pool = self.pool
         self._settle()
@@ -329,7 +347,7 @@ class PoolMachine(RuleBasedStateMachine):
         if lent != len(self.held):
             problems.append(f"lent {lent}, held {len(self.held)}")
         for conn in self.held:
-            if conn._pool is not pool or conn.closed:
+            if conn._pool is not self.lender or conn.closed:
                 problems.append(f"a held connection is not lent: {conn!r}")
         if not self.closed and size > max(self.max_size, len(self.held)):
             problems.append(f"size {size} above max_size {self.max_size}")
