@@ -29,3 +29,23 @@ def wait_until(
             desc = what() if callable(what) else what
             raise AssertionError(f"timed out after {timeout}s waiting for {desc}")
         time.sleep(interval)  # polling, bounded by the deadline
+
+
+async def wait_until_async(
+    predicate: Callable[[], T],
+    timeout: float = 5.0,
+    what: str | Callable[[], str] = "the condition",
+    interval: float = 0.001,
+) -> T:
+    """`wait_until` for a coroutine: the event loop runs other tasks between looks."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            desc = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout}s waiting for {desc}")
+        await asyncio.sleep(interval)  # polling, bounded by the deadline

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import os
 import threading
 import warnings
@@ -18,8 +19,9 @@ from typing import Any, TypeVar
 import psycopg
 import pytest
 from forkutil import in_child
-from polling import wait_until
+from polling import wait_until, wait_until_async
 
+import mppool
 from mppool import (
     AsyncConnectionPool,
     AsyncNullConnectionPool,
@@ -47,6 +49,13 @@ async def backend(conn: psycopg.AsyncConnection[Any]) -> int:
     return int(row[0])
 
 
+async def queued(pool: Any, n: int) -> None:
+    """Until `n` tasks wait in `pool`'s queue."""
+    await wait_until_async(
+        lambda: pool.get_stats().get("requests_waiting") == n, 10, f"{n} queued tasks"
+    )
+
+
 async def opened(dsn: str, cls: type[Any] = AsyncConnectionPool, **kw: Any) -> Any:
     kw.setdefault("kwargs", {"autocommit": True})
     pool = cls(dsn, open=False, **kw)
@@ -55,6 +64,42 @@ async def opened(dsn: str, cls: type[Any] = AsyncConnectionPool, **kw: Any) -> A
 
 
 # -- the API -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["AsyncConnectionPool", "AsyncNullConnectionPool"])
+def test_api_matches_psycopg_pool(name: str) -> None:
+    """The constructor's parameters (names, kinds, defaults), and every public method
+    psycopg_pool documents, a coroutine where psycopg_pool's is one."""
+    psycopg_pool = pytest.importorskip("psycopg_pool")
+    ours_cls, theirs_cls = getattr(mppool, name), getattr(psycopg_pool, name)
+    ours = inspect.signature(ours_cls.__init__).parameters
+    theirs = inspect.signature(theirs_cls.__init__).parameters
+    assert list(ours) == list(theirs)
+    for param in theirs.values():
+        assert ours[param.name].kind == param.kind, param.name
+        assert ours[param.name].default == param.default, param.name
+    methods = ["open", "close", "wait", "getconn", "putconn", "connection", "check"]
+    methods += ["resize", "drain", "get_stats", "pop_stats", "check_connection"]
+    for method in methods:
+        mine, theirs_m = getattr(ours_cls, method), getattr(theirs_cls, method)
+        coro = inspect.iscoroutinefunction(theirs_m)
+        assert inspect.iscoroutinefunction(mine) == coro, method
+        got = inspect.signature(mine).parameters
+        want = inspect.signature(theirs_m).parameters
+        assert list(got) == list(want), method
+        assert [p.default for p in got.values()] == [p.default for p in want.values()], method
+
+
+@pytest.mark.parametrize("name", ["AsyncConnectionPool", "AsyncNullConnectionPool"])
+def test_defaults_match_psycopg_pool(dsn: str, name: str) -> None:
+    psycopg_pool = pytest.importorskip("psycopg_pool")
+    ours = getattr(mppool, name)(dsn, open=False)
+    theirs = getattr(psycopg_pool, name)(dsn, open=False)
+    attrs = ["min_size", "max_size", "timeout", "max_waiting", "max_lifetime", "max_idle"]
+    attrs += ["reconnect_timeout", "num_workers", "closed", "conninfo", "connection_class"]
+    for attr in attrs:
+        assert getattr(ours, attr) == getattr(theirs, attr), attr
+    assert ours.name.startswith("pool-")
 
 
 def test_connection_getconn_putconn_and_stats(dsn: str, pg: Any) -> None:
@@ -157,7 +202,7 @@ def test_timeout_max_waiting_and_no_lost_waiter(dsn: str) -> None:
                 await pool.getconn(timeout=0.1)
             # the timed-out waiter left the queue: max_waiting counts live waiters only
             waiting = asyncio.ensure_future(pool.getconn(timeout=5))
-            await asyncio.sleep(0.05)
+            await queued(pool, 1)
             with pytest.raises(TooManyRequests, match="max_waiting"):
                 await pool.getconn(timeout=5)
             await pool.putconn(held)
@@ -176,7 +221,7 @@ def test_close_fails_the_waiters_from_another_thread(dsn: str) -> None:
         pool = await opened(dsn, min_size=1)
         held = await pool.getconn()
         waiters = [asyncio.ensure_future(pool.getconn(timeout=20)) for _ in range(3)]
-        await asyncio.sleep(0.05)
+        await queued(pool, 3)
         closer = threading.Thread(target=pool.close_sync)
         closer.start()
         results = await asyncio.wait_for(
@@ -358,8 +403,13 @@ def test_cancelled_waiters_and_holders_lose_nothing(dsn: str, pg: Any) -> None:
 
             holders = [asyncio.ensure_future(hold("SELECT pg_sleep(30)")) for _ in range(2)]
             waiters = [asyncio.ensure_future(hold("SELECT 1")) for _ in range(3)]
-            await asyncio.sleep(0.2)
-            assert pool.get_stats()["requests_waiting"] == 3
+
+            def sleeping() -> bool:  # (blocks the loop a moment: the queries run meanwhile)
+                running = [b for b in pg.backends() if "pg_sleep(30)" in b["query"]]
+                return len([b for b in running if b["state"] == "active"]) == 2
+
+            await wait_until_async(sleeping, 10, "both holders mid-query", interval=0.02)
+            await queued(pool, 3)
             for task in waiters + holders:
                 task.cancel()
             results = await asyncio.gather(*waiters, *holders, return_exceptions=True)
@@ -386,8 +436,8 @@ def test_a_connection_handed_to_a_cancelled_waiter_goes_back(dsn: str) -> None:
         try:
             held = await pool.getconn(timeout=10)
             waiter = asyncio.ensure_future(pool.getconn(timeout=10))
-            await asyncio.sleep(0.05)
-            await pool.putconn(held)  # handed to the waiter (it waited > 2 ms)...
+            await queued(pool, 1)
+            await pool.putconn(held)  # handed to the waiter at once...
             waiter.cancel()  # ...which is cancelled before it could take it
             with pytest.raises(asyncio.CancelledError):
                 await waiter
@@ -429,8 +479,7 @@ def test_null_pool(dsn: str, pg: Any) -> None:
             pg.wait_count(0)
             held = [await pool.getconn(), await pool.getconn()]
             third = asyncio.ensure_future(pool.getconn(timeout=10))
-            await asyncio.sleep(0.05)
-            assert pool.get_stats()["requests_waiting"] == 1
+            await queued(pool, 1)
             await pool.putconn(held[0])  # handed over, not closed
             conn = await third
             assert conn is held[0] and not conn.closed
@@ -507,8 +556,8 @@ def test_fork_from_inside_a_running_loop(tls_dsn: str, pg: Any) -> None:
         try:
             held = await pool.getconn(timeout=10)
             parent_backend = await backend(held)
-            queued = asyncio.ensure_future(pool.getconn(timeout=20))
-            await asyncio.sleep(0.05)
+            waiter = asyncio.ensure_future(pool.getconn(timeout=20))
+            await queued(pool, 1)
 
             def child() -> int:
                 async def use() -> int:
@@ -520,7 +569,7 @@ def test_fork_from_inside_a_running_loop(tls_dsn: str, pg: Any) -> None:
             assert in_child(child, timeout=30) != parent_backend
             await held.execute("SELECT 1")  # the parent's session survived
             await pool.putconn(held)
-            await pool.putconn(await queued)
+            await pool.putconn(await waiter)
         finally:
             await pool.close()
 

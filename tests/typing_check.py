@@ -6,11 +6,11 @@ given is the type its connections have, rows included.
 
 from __future__ import annotations
 
-from psycopg import Connection
+from psycopg import AsyncConnection, Connection
 from psycopg.rows import DictRow, TupleRow, dict_row
 from typing_extensions import assert_type
 
-from mppool import ConnectionPool, NullConnectionPool
+from mppool import AsyncConnectionPool, AsyncNullConnectionPool, ConnectionPool, NullConnectionPool
 
 
 def default_rows(dsn: str) -> None:
@@ -52,6 +52,60 @@ def callbacks(dsn: str) -> None:
         kwargs=lambda: {"autocommit": True},
         configure=configure,
         check=ConnectionPool.check_connection,
+        reconnect_failed=failed,
+        open=False,
+    )
+
+
+async def async_default_rows(dsn: str) -> None:
+    pool = AsyncConnectionPool(dsn, open=False)
+    assert_type(pool, AsyncConnectionPool[AsyncConnection[TupleRow]])
+    async with pool.connection() as conn:
+        assert_type(conn, AsyncConnection[TupleRow])
+        cur = await conn.execute("SELECT 1")
+        assert_type(await cur.fetchone(), TupleRow | None)
+    conn = await pool.getconn(timeout=1.0)
+    await pool.putconn(conn)
+    null = AsyncNullConnectionPool(dsn, open=False)
+    assert_type(null, AsyncNullConnectionPool[AsyncConnection[TupleRow]])
+
+
+async def async_dict_rows(dsn: str) -> None:
+    pool = AsyncConnectionPool[AsyncConnection[DictRow]](
+        dsn,
+        connection_class=AsyncConnection[DictRow],
+        kwargs={"row_factory": dict_row},
+        open=False,
+    )
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT 1 AS x")
+        assert_type(await cur.fetchone(), DictRow | None)
+    null = AsyncNullConnectionPool(
+        dsn,
+        connection_class=AsyncConnection[DictRow],
+        kwargs={"row_factory": dict_row},
+        open=False,
+    )
+    assert_type(null, AsyncNullConnectionPool[AsyncConnection[DictRow]])
+    async with null.connection() as nconn:
+        assert_type(nconn, AsyncConnection[DictRow])
+
+
+async def async_callbacks(dsn: str) -> None:
+    async def configure(conn: AsyncConnection[TupleRow]) -> None:
+        await conn.execute("SET search_path TO x")
+
+    async def conninfo() -> str:
+        return dsn
+
+    async def failed(pool: AsyncConnectionPool[AsyncConnection[TupleRow]]) -> None:
+        await pool.close()
+
+    AsyncConnectionPool(
+        conninfo,
+        kwargs=lambda: {"autocommit": True},
+        configure=configure,
+        check=AsyncConnectionPool.check_connection,
         reconnect_failed=failed,
         open=False,
     )
