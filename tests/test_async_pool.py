@@ -8,12 +8,13 @@ ended, which these pools must serve from the next loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import inspect
 import os
 import threading
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import psycopg
@@ -332,6 +333,52 @@ def test_open_warnings_as_psycopg_pool(dsn: str) -> None:
                     pass
 
     run(main())
+
+
+def _opening_outcomes(cls: type[Any], dsn: str) -> list[tuple[str, ...]]:
+    """What opening `cls` does, outside and inside a loop: the warnings, then the error
+    (or None), of the constructor, of ``open()`` and of the first checkout."""
+    out: list[tuple[str, ...]] = []
+    size = 0 if "Null" in cls.__name__ else 1
+
+    @contextlib.contextmanager
+    def recorded() -> Iterator[list[str]]:
+        error: list[str] = ["None"]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield error
+            except Exception as exc:
+                error[0] = type(exc).__name__
+        out.append((*(w.category.__name__ for w in caught), error[0]))
+
+    for open_ in (None, True):
+        with recorded():
+            cls(dsn, min_size=size, open=open_)
+
+    async def inside() -> None:
+        for open_ in (None, True, False):
+            with recorded():
+                pool = cls(dsn, min_size=size, open=open_)
+            with recorded():
+                if open_ is False:
+                    await pool.open()
+            with recorded():
+                await pool.putconn(await pool.getconn(timeout=10))
+            await pool.close()
+
+    run(inside())
+    return out
+
+
+def test_opening_warns_and_fails_as_psycopg_pool_does(dsn: str) -> None:
+    """Side by side with psycopg_pool's async pools: the same warnings and errors, in
+    and out of a running loop, for open=None, True and False."""
+    psycopg_pool = pytest.importorskip("psycopg_pool")
+    for name in ("AsyncConnectionPool", "AsyncNullConnectionPool"):
+        theirs = _opening_outcomes(getattr(psycopg_pool, name), dsn)
+        assert _opening_outcomes(getattr(mppool, name), dsn) == theirs, name
+        assert theirs[0] == ("RuntimeError",) and theirs[1] == ("RuntimeWarning", "RuntimeError")
 
 
 # -- loops that end ----------------------------------------------------------------
