@@ -289,6 +289,10 @@ class PoolMachine(RuleBasedStateMachine):
         self.pool.close()
         self.closed = True
 
+    def _query(self, conn: Any) -> None:
+        """Run an empty query on a lent connection."""
+        conn.execute("")
+
     @rule()
     def fork(self) -> None:
         """A child inherits the pool: it must send nothing on a parent's connection."""
@@ -313,7 +317,7 @@ class PoolMachine(RuleBasedStateMachine):
     def _child_checkout(self) -> bool:
         """In a forked child: the inherited pool lends a connection of its own."""
         with self.pool.connection(timeout=2) as conn:
-            conn.execute("")
+            self._query(conn)
         return True
 
     # -- after every step ------------------------------------------------------
@@ -342,8 +346,11 @@ class PoolMachine(RuleBasedStateMachine):
             problems = acct.problems()
             lent, size, members = acct.lent, acct.size, len(acct.members)
             waiting = len(acct.waiters)
+            inline = len(acct.inline)
         if waiting:
             problems.append("a waiter outlived its caller")
+        if inline:  # (only a checkout under way connects inline, and none is between steps)
+            problems.append("an inline attempt outlived its caller")
         if lent != len(self.held):
             problems.append(f"lent {lent}, held {len(self.held)}")
         for conn in self.held:

@@ -115,6 +115,9 @@ class AsyncPoolMachine(PoolMachine):
         if self.configure_fails:
             raise psycopg.OperationalError("fake: configure failed")
 
+    def _query(self, conn: Any) -> None:
+        self.pool.run(conn.execute(""))
+
     @property
     def lender(self) -> Any:
         return self.pool.inner
@@ -132,14 +135,16 @@ class AsyncPoolMachine(PoolMachine):
         start = time.monotonic()
         collected = False
 
-        async def turn() -> None:
+        async def turn(pause: float) -> None:
             opener.ensure()
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(pause)
 
+        pause = 0.0  # one turn of the loop at least: fake connects take no time
         while True:
-            self.loop.run_until_complete(turn())
+            self.loop.run_until_complete(turn(pause))
             if not opener.running() and not opener.pending():
                 return
+            pause = 0.001  # polling a condition (a backoff), bounded by the deadline
             waited = time.monotonic() - start
             assert waited < 10, "background attempts never settled"
             if waited > 0.5 and not collected:
