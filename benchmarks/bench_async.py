@@ -5,7 +5,10 @@ Contestants (each an `Entry` in `CONTESTANTS`):
 - ``held``: one ``psycopg.AsyncConnection`` held, no pool (the baseline);
 - ``psycopg_pool``: ``psycopg_pool.AsyncConnectionPool``, ``async with pool.connection()``
   and ``await getconn()``/``await putconn()``;
-- ``mppool``: ``mppool.AsyncConnectionPool``, both ways.
+- ``mppool``: ``mppool.AsyncConnectionPool``, both ways;
+- ``ceiling``: no pool, 4 tasks each with a connection of its own (the 100-task case
+  only): what the same 4 connections do in this loop with nothing to share them, which
+  bounds what any pool can reach.
 
 Cases (one op = acquire (+ query) + release), every connection in autocommit:
 
@@ -76,10 +79,11 @@ AWorker = Callable[[Race], Awaitable[int]]
 
 @dataclass
 class Contestant:
-    acquire_release: ALoop
-    select: ALoop
+    acquire_release: ALoop | None  # None: no single-task case (the ceiling)
+    select: ALoop | None
     worker: AWorker | None
     close: Callable[[], Awaitable[None]]
+    tasks: int = TASKS  # how many tasks run `worker` in the contention case
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,29 @@ async def open_held(dsn: str) -> Contestant:
     return Contestant(acquire_release, select_loop, None, conn.close)
 
 
+async def open_ceiling(dsn: str) -> Contestant:
+    conns = [await psycopg.AsyncConnection.connect(dsn, autocommit=True) for _ in range(POOL_SIZE)]
+    for conn in conns:
+        await select(conn)
+    taken: dict[Race, int] = {}
+
+    async def worker(race: Race) -> int:
+        conn = conns[taken.setdefault(race, 0)]  # each task of a race its own connection
+        taken[race] += 1
+        ops = 0
+        await race.started.wait()
+        while race.running:
+            await select(conn)
+            ops += 1
+        return ops
+
+    async def close() -> None:
+        for conn in conns:
+            await conn.close()
+
+    return Contestant(None, None, worker, close, tasks=POOL_SIZE)
+
+
 def psycopg_pool_class() -> Any:
     try:
         import psycopg_pool
@@ -220,6 +247,7 @@ CONTESTANTS: list[Entry] = [
     Entry("psycopg_pool", GETPUT, pool_api(psycopg_pool_class, GETPUT)),
     Entry("mppool", CM, pool_api(mppool_class, CM)),
     Entry("mppool", GETPUT, pool_api(mppool_class, GETPUT)),
+    Entry("ceiling", f"(no pool, {POOL_SIZE} tasks with a connection each)", open_ceiling),
 ]
 
 
@@ -284,7 +312,10 @@ async def run_all(
     try:
         if pinner is not None:
             pin_note = pinner.pin() + " for the single-task cases"
-        for label, c in list(open_.items()):
+        singles = [label for label, c in open_.items() if c.acquire_release is not None]
+        for label in singles:
+            c = open_[label]
+            assert c.acquire_release is not None and c.select is not None
             try:
                 res.ops[label] = {
                     "acquire_release": await calibrate(c.acquire_release, target),
@@ -295,9 +326,10 @@ async def run_all(
         for r in range(rounds):
             progress(f"single task: round {r + 1}/{rounds}")
             for case in ("acquire_release", "select"):
-                for label in rotated(list(open_), r):
+                for label in rotated([s for s in singles if s in open_], r):
                     c = open_[label]
                     loop = c.acquire_release if case == "acquire_release" else c.select
+                    assert loop is not None
                     try:
                         us = await timed_us(loop, res.ops[label][case])
                     except Exception as exc:
@@ -317,7 +349,7 @@ async def run_all(
             worker = open_[label].worker
             assert worker is not None
             try:
-                counts, elapsed = await contend(worker, TASKS, duration)
+                counts, elapsed = await contend(worker, open_[label].tasks, duration)
             except Exception as exc:
                 await fail(label, exc)
                 continue
@@ -357,7 +389,7 @@ async def run_all(
 def report(run: dict[str, Any], env: dict[str, Any]) -> str:
     res: Results = run["results"]
     cfg = run["config"]
-    labels = [label for label in run["labels"] if label in res.single]
+    labels = [label for label in run["labels"] if label in res.single or label in res.contention]
     ratio = lambda a, b: a / b  # noqa: E731
     diff = lambda a, b: a - b  # noqa: E731
     out = [
