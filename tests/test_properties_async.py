@@ -104,11 +104,21 @@ class AsyncPoolMachine(PoolMachine):
     def _spared(frame: Any) -> bool:
         """Callbacks the loop runs (a waiter's timer): what they raise goes to the loop's
         exception handler, not to any caller (asyncio's rule), and a timer that never
-        fires leaves its task waiting. The exceptions land in the operation's frames."""
+        fires leaves its task waiting. The pool's own background tasks (its opener's),
+        which the sync machine's injections never reach either (they run in threads
+        of their own there): no signal handler or cancellation raises an exception in
+        them but `CancelledError`, which the opener handles. The exceptions land in
+        the operation's frames."""
         caller = frame.f_back
         if frame.f_code.co_name == "__del__":  # a pool of an earlier example, collected
             return True
-        return caller is not None and caller.f_code is _HANDLE_RUN
+        if caller is not None and caller.f_code is _HANDLE_RUN:
+            return True
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no loop running
+            return False
+        return task is not None and task.get_name().endswith("-opener")
 
     async def _aconfigure(self, conn: Any) -> None:
         # Not KeyboardInterrupt, as the sync machine raises: in a task, asyncio re-raises
