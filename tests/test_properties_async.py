@@ -150,12 +150,11 @@ class AsyncPoolMachine(PoolMachine):
             opener.ensure()
             await asyncio.sleep(pause)
 
-        pause = 0.0  # one turn of the loop at least: fake connects take no time
         while True:
-            self.loop.run_until_complete(turn(pause))
+            # A turn of the loop, and the timers due within 1 ms (a backoff's, a waiter's)
+            self.loop.run_until_complete(turn(0.001))
             if not opener.running() and not opener.pending():
                 return
-            pause = 0.001  # polling a condition (a backoff), bounded by the deadline
             waited = time.monotonic() - start
             assert waited < 10, "background attempts never settled"
             if waited > 0.5 and not collected:
