@@ -35,7 +35,7 @@ from typing import Any, cast
 
 from .accounting import Accounting, Attempt, Effects
 from .async_opener import AsyncOpener
-from .driver import BACKOFF, INITIAL_DELAY, JITTER, MAX_TICK, SyncDriver
+from .driver import BACKOFF, INITIAL_DELAY, JITTER, MAX_TICK, SyncDriver, carry_slot, drop_slot
 from .errors import PoolClosed
 
 __all__ = ["AsyncDriver", "AsyncWaiter"]
@@ -108,10 +108,13 @@ class AsyncDriver(SyncDriver):
 
     # -- connecting ------------------------------------------------------------
 
-    async def _open_connection_async(self, timeout: float | None) -> Any:
+    async def _open_connection_async(
+        self, timeout: float | None, attempt: Attempt | None = None
+    ) -> Any:
         """Connect, and count the outcome; raises what connecting raised.
 
         A cancelled attempt is not counted: it did not fail, it was cut short.
+        The budget slot `attempt` holds, if any, goes with the new connection.
         """
         started = monotonic()
         try:
@@ -123,9 +126,41 @@ class AsyncDriver(SyncDriver):
                 self._acct.connected(monotonic() - started, str(exc).strip() or repr(exc))
                 self._changed.notify_all()
             raise
+        if attempt is not None and attempt.slot is not None:
+            carry_slot(conn, attempt.slot)
         with self._lock:
             self._acct.connected(monotonic() - started, None)
         return conn
+
+    # -- a host budget ------------------------------------------------------------
+
+    async def _acquire_slot_async(
+        self, attempt: Attempt, deadline: float | None, plain: bool = False
+    ) -> str:
+        """`SyncDriver._acquire_slot`, awaiting between its looks at the budget.
+
+        Cancelled while it waits, the process's waiting signal goes down with it.
+        """
+        steps = self._slot_steps(attempt, deadline, plain)
+        try:
+            pause = next(steps)
+            while True:
+                await asyncio.sleep(pause)
+                pause = next(steps)
+        except StopIteration as stop:
+            return str(stop.value)
+        finally:
+            steps.close()
+
+    async def _plain_slot_async(self, deadline: float, timeout: float) -> Attempt:
+        """`SyncDriver._plain_slot`, awaiting."""
+        holder = Attempt()
+        outcome = await self._acquire_slot_async(holder, deadline, plain=True)
+        if outcome == "timeout":
+            raise self._budget_timeout(timeout)
+        if outcome != "ok":
+            raise self._closed_error()
+        return holder
 
     async def _run_attempt_async(self, attempt: Attempt) -> None:
         """Open one connection in the background, retrying with exponential backoff.
@@ -141,8 +176,14 @@ class AsyncDriver(SyncDriver):
         bound = self._connect_bound()
         while not attempt.disowned:
             try:
-                conn = await self._open_connection_async(bound)
+                if self._budget is not None and attempt.slot is None:
+                    outcome = await self._acquire_slot_async(attempt, None)
+                    if outcome != "ok":
+                        self._no_slot(attempt, outcome)
+                        return
+                conn = await self._open_connection_async(bound, attempt)
             except (Exception, KeyboardInterrupt):
+                drop_slot(attempt)  # others may use it while this one backs off
                 logger.warning(
                     "pool %r: connection attempt failed: %s", self.name, self._acct.last_error
                 )
@@ -165,6 +206,8 @@ class AsyncDriver(SyncDriver):
                     fx.close.append(conn)  # disowned meanwhile
                 self._changed.notify_all()
             self._apply(fx)
+            if self._budget is not None:
+                self._budget._handle().watch()
             return
         self._end_attempt(attempt)
 

@@ -7,7 +7,8 @@ connections exist at once and further tasks queue.
 
 from __future__ import annotations
 
-from typing import Any
+from time import monotonic
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -21,8 +22,12 @@ from .async_pool import (
     AsyncConninfoParam,
     AsyncKwargsParam,
 )
+from .driver import close_quietly, drop_slot
 from .errors import PoolTimeout
 from .null_pool import NullConnectionPool
+
+if TYPE_CHECKING:
+    from .budget import HostBudget
 
 __all__ = ["AsyncNullConnectionPool"]
 
@@ -60,6 +65,7 @@ class AsyncNullConnectionPool(AsyncConnectionPool[ACT]):
         reconnect_timeout: float = 5 * 60.0,
         reconnect_failed: AsyncConnectFailedCB | None = None,
         num_workers: int = 3,
+        budget: HostBudget | None = None,
     ):
         super().__init__(
             conninfo,
@@ -80,6 +86,7 @@ class AsyncNullConnectionPool(AsyncConnectionPool[ACT]):
             reconnect_timeout=reconnect_timeout,
             reconnect_failed=reconnect_failed,
             num_workers=num_workers,
+            budget=budget,
         )
 
     @staticmethod
@@ -105,14 +112,22 @@ class AsyncNullConnectionPool(AsyncConnectionPool[ACT]):
         self._raise_if_closed()
         if self._warn_open:
             self._warn_implicit_open()
+        deadline = monotonic() + timeout
+        holder = None
+        if self._budget is not None:
+            holder = await self._plain_slot_async(deadline, timeout)
         try:
-            conn: Any = await self._open_connection_async(timeout)
+            conn: Any = await self._open_connection_async(max(0.0, deadline - monotonic()), holder)
         except Exception:
+            if holder is not None:
+                drop_slot(holder)
             raise PoolTimeout(
                 f"pool {self.name!r} could not connect within {timeout} sec: "
                 f"{self._acct.last_error}"
             ) from None
-        await conn.close()
+        if holder is not None:
+            holder.slot = None  # the connection carries it
+        close_quietly(conn)
 
     async def check(self) -> None:
         """Nothing to check: a null pool holds no idle connection."""

@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Awaitable, Callable
 from time import monotonic
 from types import TracebackType
-from typing import Any, Generic, cast, overload
+from typing import TYPE_CHECKING, Any, Generic, cast, overload
 
 import psycopg
 from psycopg import AsyncConnection
@@ -40,6 +40,9 @@ from .connector import background_connect_timeout
 from .driver import MAX_TICK, lent_by
 from .errors import PoolClosed, PoolMisuse, PoolTimeout, TooManyRequests
 from .pool import ConnectionPool, _pool_names
+
+if TYPE_CHECKING:
+    from .budget import HostBudget
 
 if sys.version_info >= (3, 13):
     from typing import TypeVar
@@ -176,6 +179,11 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
         reconnect_failed: see ``reconnect_timeout``.
         num_workers: most connections opened at once in the background, each
             by a task of the loop using the pool.
+        budget: a `mppool.HostBudget` the pool's connections count against,
+            with those of every pool, sync or async, of every process sharing
+            it (see `mppool.ConnectionPool`). A task that needs a new
+            connection while the budget is used up waits for a slot, awaiting,
+            within its ``timeout``.
     """
 
     # A returned connection always goes to the oldest waiter: a task switch costs little
@@ -203,6 +211,7 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
         reconnect_timeout: float = 5 * 60.0,
         reconnect_failed: AsyncConnectFailedCB | None = None,
         num_workers: int = 3,
+        budget: HostBudget | None = None,
     ): ...
 
     @overload
@@ -227,6 +236,7 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
         reconnect_timeout: float = 5 * 60.0,
         reconnect_failed: AsyncConnectFailedCB | None = None,
         num_workers: int = 3,
+        budget: HostBudget | None = None,
     ): ...
 
     def __init__(
@@ -250,6 +260,7 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
         reconnect_timeout: float = 5 * 60.0,
         reconnect_failed: AsyncConnectFailedCB | None = None,
         num_workers: int = 3,
+        budget: HostBudget | None = None,
     ):
         min_size, max_size = self._check_size(min_size, max_size)
         if num_workers < 1:
@@ -282,6 +293,7 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
         self._reset = reset
         self._reconnect_failed = reconnect_failed
         self._warn_open = open is None  # psycopg_pool's warning, owed on first use
+        self._set_budget(budget)
         self._new_state(opened=False)
         self._register_fork_aware()
         if open is None or open:
@@ -485,7 +497,7 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
                 self._apply(fx)
         if attempt is not None:
             try:
-                return await self._connect_inline(attempt, deadline)
+                return await self._connect_inline(attempt, deadline, timeout)
             except Exception as exc:
                 self._inline_failed(exc, timeout)
             with self._lock:
@@ -517,10 +529,18 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
     def _inline_failed(self, exc: Exception, timeout: float) -> None:
         """Connecting for a client in its task failed: queue it (the background retries)."""
 
-    async def _connect_inline(self, attempt: Attempt, deadline: float) -> ACT:
-        """Open a connection for the caller, in its task (see `ConnectionPool`)."""
+    async def _connect_inline(self, attempt: Attempt, deadline: float, timeout: float) -> ACT:
+        """Open a connection for the caller, in its task (see `ConnectionPool`); under a
+        host budget, after awaiting a slot until `deadline` (`PoolTimeout` then)."""
         try:
-            conn = await self._open_connection_async(deadline - monotonic())
+            if self._budget is not None:
+                outcome = await self._acquire_slot_async(attempt, deadline)
+                if outcome == "timeout":
+                    raise self._budget_timeout(timeout)
+                if outcome != "ok":
+                    self._raise_if_closed()
+                    raise PoolClosed(f"the pool {self.name!r} was closed while connecting")
+            conn = await self._open_connection_async(deadline - monotonic(), attempt)
         except BaseException:
             self._end_attempt(attempt)
             raise
@@ -841,10 +861,14 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
             await conn.set_autocommit(False)
 
     def get_stats(self) -> dict[str, int]:
-        """The pool's figures: the four ``pool_*`` always, counters when not zero."""
+        """The pool's figures: the four ``pool_*`` always, counters when not zero;
+        with a budget, ``budget_limit`` and ``budget_used`` (host-wide) too."""
         self._guard()
         with self._lock:
-            return self._acct.stats()
+            stats = self._acct.stats()
+        if self._budget is not None:
+            stats.update(self._budget_stats())
+        return stats
 
     def pop_stats(self) -> dict[str, int]:
         """Like `get_stats`, then reset the counters."""
@@ -852,6 +876,8 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
         with self._lock:
             stats = self._acct.stats()
             self._acct.reset_counters()
+        if self._budget is not None:
+            stats.update(self._budget_stats())
         return stats
 
     async def __aenter__(self) -> AsyncConnectionPool[ACT]:

@@ -25,6 +25,7 @@ import random
 import threading
 import time
 import weakref
+from collections.abc import Generator
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
@@ -307,6 +308,24 @@ class SyncDriver(forking.ForkAware):
         budget's *waiting* signal, which makes other processes give up idle
         connections (and those above their share, busy ones as they come back).
         """
+        steps = self._slot_steps(attempt, deadline, plain)
+        try:
+            pause = next(steps)
+            while True:
+                # A plain sleep: a signal handler's exception in a Condition's wait
+                # can leave it broken ("release unlocked lock").
+                time.sleep(pause)
+                pause = next(steps)
+        except StopIteration as stop:
+            return str(stop.value)
+        finally:
+            steps.close()  # interrupted: the waiting signal goes down
+
+    def _slot_steps(
+        self, attempt: Attempt, deadline: float | None, plain: bool
+    ) -> Generator[float, None, str]:
+        """`_acquire_slot`'s looks at the budget: yields how long to sleep before the
+        next one, returns the outcome. The async pools sleep by awaiting."""
         assert self._budget is not None
         try:
             handle = self._budget._handle()
@@ -347,9 +366,7 @@ class SyncDriver(forking.ForkAware):
                 else:
                     handle.wait_update(token)
                 pause = delay if deadline is None else min(delay, deadline - now)
-                # A plain sleep: a signal handler's exception in a Condition's wait
-                # can leave it broken ("release unlocked lock").
-                time.sleep(max(0.0, pause))
+                yield max(0.0, pause)
                 delay = min(delay * 2.0, POLL_MAX)
         finally:
             if token is not None:

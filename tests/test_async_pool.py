@@ -75,7 +75,13 @@ def test_api_matches_psycopg_pool(name: str) -> None:
     ours_cls, theirs_cls = getattr(mppool, name), getattr(psycopg_pool, name)
     ours = inspect.signature(ours_cls.__init__).parameters
     theirs = inspect.signature(theirs_cls.__init__).parameters
-    assert list(ours) == list(theirs)
+    # mppool's own parameters come last, keyword-only, off by default: the sync pool's.
+    sync = inspect.signature(mppool.ConnectionPool.__init__).parameters
+    sync_theirs = inspect.signature(psycopg_pool.ConnectionPool.__init__).parameters
+    extra = list(ours)[len(theirs) :]
+    assert extra == list(sync)[len(sync_theirs) :]
+    assert all(ours[p].kind == ours[p].KEYWORD_ONLY and ours[p].default is None for p in extra)
+    assert list(ours)[: len(theirs)] == list(theirs)
     for param in theirs.values():
         assert ours[param.name].kind == param.kind, param.name
         assert ours[param.name].default == param.default, param.name
