@@ -272,7 +272,9 @@ class AsyncDriver(SyncDriver):
                             acct.leave(waiter)
                             acct.wait_time += timeout
                             acct.request_errors += 1
+                            acct.timeouts += 1
                             last = acct.last_error
+                            acct.record_wait(timeout)
                             break
                         acct.tick(now, fx)
                         given: Any = waiter.conn  # tick may have served this waiter

@@ -10,8 +10,6 @@ from __future__ import annotations
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
-import psycopg
-
 from .accounting import Policy
 from .async_pool import (
     _DEFAULT_CLASS,
@@ -24,7 +22,7 @@ from .async_pool import (
 )
 from .driver import close_quietly, drop_slot
 from .errors import PoolTimeout
-from .null_pool import NullConnectionPool
+from .null_pool import NullConnectionPool, inline_failed
 
 if TYPE_CHECKING:
     from .budget import HostBudget
@@ -66,6 +64,7 @@ class AsyncNullConnectionPool(AsyncConnectionPool[ACT]):
         reconnect_failed: AsyncConnectFailedCB | None = None,
         num_workers: int = 3,
         budget: HostBudget | None = None,
+        leak_threshold: float | None = None,
     ):
         super().__init__(
             conninfo,
@@ -87,6 +86,7 @@ class AsyncNullConnectionPool(AsyncConnectionPool[ACT]):
             reconnect_failed=reconnect_failed,
             num_workers=num_workers,
             budget=budget,
+            leak_threshold=leak_threshold,
         )
 
     @staticmethod
@@ -95,12 +95,7 @@ class AsyncNullConnectionPool(AsyncConnectionPool[ACT]):
 
     def _inline_failed(self, exc: Exception, timeout: float) -> None:
         """A task's own connection failed: it gets the error (a timeout as `PoolTimeout`)."""
-        if isinstance(exc, psycopg.errors.ConnectionTimeout):
-            raise PoolTimeout(
-                f"couldn't get a connection from pool {self.name!r} after {timeout:.2f} sec: "
-                f"{self._acct.last_error}"
-            ) from None
-        raise exc
+        inline_failed(self, exc, timeout)
 
     async def wait(self, timeout: float = 30.0) -> None:
         """Check that a connection can be made, within `timeout` seconds.

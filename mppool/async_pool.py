@@ -32,7 +32,7 @@ from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 
-from . import forking
+from . import forking, histograms
 from .accounting import Accounting, Attempt, Effects, Policy
 from .async_connector import AsyncConnector
 from .async_driver import AsyncDriver, AsyncWaiter
@@ -68,6 +68,9 @@ _ACTIVE = TransactionStatus.ACTIVE
 _ALIVE = forking.ALIVE
 _rebuild = forking.rebuild
 _running_loop = asyncio._get_running_loop
+_USE_BOUNDS = histograms.USE_BOUNDS
+_USE_FIRST = _USE_BOUNDS[0]
+_bucket = histograms.index
 
 _DEFAULT_CLASS: Any = AsyncConnection
 
@@ -184,6 +187,17 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
             it (see `mppool.ConnectionPool`). A task that needs a new
             connection while the budget is used up waits for a slot, awaiting,
             within its ``timeout``.
+        leak_threshold: seconds a connection may stay lent before a WARNING
+            on logger ``mppool`` says where it was taken (file, line and
+            function of the calling frames: the coroutine that awaited
+            `getconn` or entered `connection`), and an INFO when it comes
+            back; None (the default) watches nothing and costs nothing. See
+            `mppool.leaks`.
+
+    The pool's figures are published for `mppool stats` and
+    `mppool.metrics.PoolCollector`, as a `mppool.ConnectionPool`'s are,
+    unless ``MPPOOL_STATS=0`` is set when it is created (see
+    `mppool.publish`).
     """
 
     # A returned connection always goes to the oldest waiter: a task switch costs little
@@ -212,6 +226,7 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
         reconnect_failed: AsyncConnectFailedCB | None = None,
         num_workers: int = 3,
         budget: HostBudget | None = None,
+        leak_threshold: float | None = None,
     ): ...
 
     @overload
@@ -237,6 +252,7 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
         reconnect_failed: AsyncConnectFailedCB | None = None,
         num_workers: int = 3,
         budget: HostBudget | None = None,
+        leak_threshold: float | None = None,
     ): ...
 
     def __init__(
@@ -261,6 +277,7 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
         reconnect_failed: AsyncConnectFailedCB | None = None,
         num_workers: int = 3,
         budget: HostBudget | None = None,
+        leak_threshold: float | None = None,
     ):
         min_size, max_size = self._check_size(min_size, max_size)
         if num_workers < 1:
@@ -294,6 +311,7 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
         self._reconnect_failed = reconnect_failed
         self._warn_open = open is None  # psycopg_pool's warning, owed on first use
         self._set_budget(budget)
+        self._observe(leak_threshold)
         self._new_state(opened=False)
         self._register_fork_aware()
         if open is None or open:
@@ -305,8 +323,13 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
         acct.max_idle = self.max_idle
         acct.opened, acct.closed = opened, closed
         self._new_driver(acct, threading.Lock())
-        self._fast = self._check is None and not self._warn_open  # getconn's fast path
-        self._keep = self._policy.idle_cap is None  # putconn's fast path
+        self._fast_paths()
+
+    def _fast_paths(self) -> None:
+        """``_fast``: getconn's fast path; ``_keep``: putconn's (see `SyncDriver`)."""
+        plain = self._leak_threshold is None and not self._parked
+        self._fast = plain and self._check is None and not self._warn_open
+        self._keep = plain and self._policy.idle_cap is None
 
     @staticmethod
     def _check_size(min_size: int, max_size: int | None) -> tuple[int, int]:
@@ -410,9 +433,15 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
             member = c._mppool
             lent_at = member.lent_at
             if lent_at is not None and c._pool is self:
+                used = now - lent_at
+                if used > _USE_FIRST:  # shorter uses are counted by acct.uses alone
+                    uses = acct.use_hist  # None unless the figures are published
+                    if uses is not None:
+                        uses[_bucket(_USE_BOUNDS, used)] += 1
                 member.lent_at = None  # from here on the pool owns it again
                 c._pool = None
-                acct.usage += now - lent_at
+                acct.usage += used
+                acct.uses += 1.0
                 if self._keep and not (
                     acct.waiters or now >= member.expires or now >= acct.chores_at
                 ):
@@ -420,6 +449,8 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
                     acct.idle.append(c)
                     return
                 fx = Effects()
+                if member.site is not None:
+                    self._lending_back(member, now, fx)
                 acct.returned(c, now, fx)
         if fx is None:  # given back meanwhile, by another task
             self._putconn_foreign(conn)
@@ -440,6 +471,14 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
     # -- the rest of checkout ------------------------------------------------
 
     async def _getconn_slow(self, timeout: float | None, now: float) -> ACT:
+        conn = await self._getconn_checked(timeout, now)
+        if self._leak_threshold is not None:
+            self._watch_lending(conn, skip=2)  # _getconn_slow, getconn
+        if self._published:
+            self._published_change()
+        return conn
+
+    async def _getconn_checked(self, timeout: float | None, now: float) -> ACT:
         if timeout is None:
             timeout = self.timeout
         if self._warn_open:
@@ -458,6 +497,8 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
                 logger.info("pool %r: connection failed check, discarding it: %s", self.name, exc)
                 self._discard(conn, lost=True)
                 if monotonic() >= deadline:
+                    with self._lock:
+                        self._acct.timeouts += 1
                     raise PoolTimeout(
                         f"couldn't get a connection from pool {self.name!r} after "
                         f"{timeout:.2f} sec: every connection failed the check; last: {exc}"
@@ -477,9 +518,11 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
                     acct.reap(fx)
                 self._raise_if_closed()
                 acct.requests += 1
+                acct.slow_requests += 1
                 now = monotonic()
                 conn = acct.take(now)
                 if conn is not None:
+                    acct.record_wait(now - (deadline - timeout))
                     return cast(ACT, conn)
                 if inline:
                     attempt = acct.admit_inline(timeout)
@@ -502,6 +545,7 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
                 self._inline_failed(exc, timeout)
             with self._lock:
                 self._acct.requests -= 1  # counted again below
+                self._acct.slow_requests -= 1
             return await self._checkout(deadline, timeout, inline=False)
         assert waiter is not None
         return cast(ACT, await self._wait_async(waiter, deadline, timeout))
@@ -532,6 +576,7 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
     async def _connect_inline(self, attempt: Attempt, deadline: float, timeout: float) -> ACT:
         """Open a connection for the caller, in its task (see `ConnectionPool`); under a
         host budget, after awaiting a slot until `deadline` (`PoolTimeout` then)."""
+        started = monotonic()
         try:
             if self._budget is not None:
                 outcome = await self._acquire_slot_async(attempt, deadline)
@@ -551,6 +596,7 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
                 now = monotonic()
                 if acct.add_member(conn, attempt, now):
                     acct.lend(conn, now)
+                    acct.record_wait(now - started)
                     if not acct.primed and self._policy.refill:
                         acct.primed = acct.refill_due = True
                         acct.chores_at = 0.0
@@ -575,7 +621,7 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
         if not self._warn_open:
             return
         self._warn_open = False
-        self._fast = self._check is None
+        self._fast_paths()
         self._warn_constructor_open(stacklevel=4)
 
     # -- the rest of return ------------------------------------------------
@@ -882,7 +928,7 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
 
     async def __aenter__(self) -> AsyncConnectionPool[ACT]:
         self._warn_open = False
-        self._fast = self._check is None
+        self._fast_paths()
         await self.open()
         return self
 
@@ -906,6 +952,7 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
         """In a child: drop the parent's state without a byte to its server."""
         inherited = self._inherited_connections()
         self._new_state(opened=self._acct.opened, closed=self._acct.closed)
+        self._forget_observers()
         for conn in inherited:
             forking.neutralise(conn)
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import psycopg
 
 from .accounting import Policy
-from .driver import close_quietly, drop_slot
+from .driver import SyncDriver, close_quietly, drop_slot
 from .errors import PoolTimeout
 from .pool import (
     _DEFAULT_CLASS,
@@ -103,14 +103,7 @@ class NullConnectionPool(ConnectionPool[CT]):
 
     def _inline_failed(self, exc: Exception, timeout: float) -> None:
         """A client's own connection failed: it gets the error (a timeout as `PoolTimeout`)."""
-        if isinstance(exc, psycopg.errors.ConnectionTimeout):
-            with self._lock:
-                self._acct.timeouts += 1
-            raise PoolTimeout(
-                f"couldn't get a connection from pool {self.name!r} after {timeout:.2f} sec: "
-                f"{self._acct.last_error}"
-            ) from None
-        raise exc
+        inline_failed(self, exc, timeout)
 
     def wait(self, timeout: float = 30.0) -> None:
         """Check that a connection can be made, within `timeout` seconds.
@@ -144,3 +137,16 @@ class NullConnectionPool(ConnectionPool[CT]):
     def resize(self, min_size: int, max_size: int | None = None) -> None:
         """Change ``max_size`` (``min_size`` must stay 0)."""
         super().resize(min_size, max_size)
+
+
+def inline_failed(pool: SyncDriver, exc: Exception, timeout: float) -> NoReturn:
+    """A null pool's client's own connection failed: raise it for the client (a
+    timeout as `PoolTimeout`, counted); the async null pool's too."""
+    if isinstance(exc, psycopg.errors.ConnectionTimeout):
+        with pool._lock:
+            pool._acct.timeouts += 1
+        raise PoolTimeout(
+            f"couldn't get a connection from pool {pool.name!r} after {timeout:.2f} sec: "
+            f"{pool._acct.last_error}"
+        ) from None
+    raise exc
