@@ -8,6 +8,7 @@ whatever other tests left behind.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import re
 import secrets
@@ -21,7 +22,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
-from mppool import ConnectionPool, testserver
+from mppool import ConnectionPool, publish, runtime, testserver
 
 pytest.register_assert_rewrite("pgbouncer_support")  # a plugin, imported here first
 from pgbouncer_support import BouncerHelper  # noqa: E402
@@ -45,6 +46,23 @@ def session_runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pa
             os.environ.pop("MPPOOL_RUNTIME_DIR", None)
         else:
             os.environ["MPPOOL_RUNTIME_DIR"] = saved
+
+
+@pytest.fixture
+def rt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A runtime directory of the test's own, for this process and its children,
+    with publishing on (`mppool.publish`)."""
+    path = tmp_path / "rt"
+    monkeypatch.setenv(runtime.ENV_DIR, str(path))
+    monkeypatch.delenv(publish.ENV_STATS, raising=False)
+    return path
+
+
+@pytest.fixture
+def log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """`caplog`, capturing logger ``mppool`` from INFO up (leak reports)."""
+    caplog.set_level(logging.INFO, logger="mppool")
+    return caplog
 
 
 @pytest.fixture(scope="session")

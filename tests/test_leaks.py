@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+from helpers_observe import messages, watcher_gone
 from polling import wait_until
 
 from mppool import (
@@ -23,26 +24,8 @@ from mppool import (
 THRESHOLD = 0.2
 
 
-@pytest.fixture
-def log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.INFO, logger="mppool")
-    return caplog
-
-
-def messages(caplog: pytest.LogCaptureFixture, level: int, needle: str) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.name == "mppool" and r.levelno == level and needle in r.getMessage()
-    ]
-
-
 def place_order(pool: Any) -> Any:
     return pool.getconn()  # the line the warning must name
-
-
-def watcher_gone() -> bool:
-    return not leaks._watcher.running
 
 
 def test_a_connection_held_too_long_is_reported_once_then_back(

@@ -32,13 +32,6 @@ NAMES = [
 ]
 
 
-@pytest.fixture
-def rt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "rt"
-    monkeypatch.setenv(runtime.ENV_DIR, str(path))
-    return path
-
-
 def samples(text: str, name: str) -> dict[str, float]:
     """`name`'s samples in exposition `text`: {label text: value}."""
     found = {}

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from forkutil import finish_child, in_child, start_child
+from helpers_observe import named, stats_cmd
 from helpers_procs import default_interrupts
 from polling import wait_until
 
@@ -31,31 +32,6 @@ from mppool import (
 from mppool import publish as publish_mod
 
 pytestmark = pytest.mark.skipif(not runtime.supported(), reason="needs Linux OFD locks")
-
-
-@pytest.fixture
-def rt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A runtime directory of the test's own, for this process and its children."""
-    path = tmp_path / "rt"
-    monkeypatch.setenv(runtime.ENV_DIR, str(path))
-    monkeypatch.delenv(publish_mod.ENV_STATS, raising=False)
-    return path
-
-
-def stats_cmd(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "mppool", "stats", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if check:
-        assert done.returncode == 0, done.stderr
-    return done
-
-
-def named(directory: Path, name: str) -> list[hoststats.PublishedPool]:
-    return [p for p in hoststats.read_pools(directory) if p.name == name]
 
 
 class Holder:
