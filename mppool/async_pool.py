@@ -327,9 +327,7 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
 
     def _fast_paths(self) -> None:
         """``_fast``: getconn's fast path; ``_keep``: putconn's (see `SyncDriver`)."""
-        plain = self._leak_threshold is None and not self._parked
-        self._fast = plain and self._check is None and not self._warn_open
-        self._keep = plain and self._policy.idle_cap is None
+        ConnectionPool._fast_paths(self)  # type: ignore[arg-type]  # the same rule
 
     @staticmethod
     def _check_size(min_size: int, max_size: int | None) -> tuple[int, int]:

@@ -89,6 +89,8 @@ class SyncDriver(forking.ForkAware):
     _published = False  # figures published (`mppool.publish`): set at creation
     _parked = False
     _leak_threshold: float | None = None
+    _fast: bool  # getconn's fast path may run (set by `_fast_paths`)
+    _keep: bool  # putconn's fast path may run (set by `_fast_paths`)
 
     def _new_driver(self, acct: Accounting, lock: Any) -> None:
         """Fresh driver state around `acct` (at creation, and in a forked child)."""
