@@ -258,15 +258,10 @@ class ProcessRecord:
     @staticmethod
     def current(directory: Path | None = None, create: bool = True) -> ProcessRecord | None:
         """This process's record in `directory` (the runtime directory if None)."""
-        global _records_lock
         if directory is None:
             directory = runtime_dir(create=create)
-        if _records_pid[0] != os.getpid():  # forked: the parent's records are not ours
-            _records_lock = threading.Lock()
-            for inherited in _records.values():
-                inherited._disown()
-            _records.clear()
-            _records_pid[0] = os.getpid()
+        if _records_pid[0] != os.getpid():  # forked without the at-fork hooks (a C fork)
+            _forget_records()
         with _records_lock:
             found = _records.get(directory)
             if found is None and create:
@@ -327,6 +322,30 @@ def _close_records_at_exit() -> None:
 
 
 atexit.register(_close_records_at_exit)
+
+
+def _forget_records() -> None:
+    """In a forked child: the parent's records are not ours.
+
+    Run by the at-fork hook, before any other thread exists in the child; the
+    pid check in `ProcessRecord.current` calls it for a fork without hooks.
+    The dictionary is copied before anything releases the GIL: the publisher
+    thread and a budget may look for the record at once (iterating it while
+    another thread cleared it raised RuntimeError in a gunicorn worker).
+    """
+    global _records_lock
+    if _records_pid[0] == os.getpid():  # forgotten already (another hook asked first)
+        return
+    _records_lock = threading.Lock()
+    _records_pid[0] = os.getpid()
+    inherited = list(_records.values())
+    _records.clear()
+    for record in inherited:
+        record._disown()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_records)
 
 
 def _forget_role() -> None:
