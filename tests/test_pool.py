@@ -403,16 +403,18 @@ def test_typing_check_passes_mypy_strict() -> None:
 def test_configure_runs_once_per_new_connection(make_pool: Any) -> None:
     seen: list[int] = []
 
+    # TimeZone, not search_path: PgBouncer carries a client's TimeZone to whichever
+    # server connection serves it, so the check means the same through it.
     def configure(conn: Connection[Any]) -> None:
         seen.append(pid(conn))
-        conn.execute("SET search_path TO configured")
+        conn.execute("SET TimeZone TO 'Pacific/Chatham'")
         conn.commit()
 
     pool = make_pool(min_size=2, configure=configure)
     pool.wait(timeout=5)
     for _ in range(5):
         with pool.connection() as conn:
-            assert conn.execute("SHOW search_path").fetchone() == ("configured",)
+            assert conn.execute("SHOW TimeZone").fetchone() == ("Pacific/Chatham",)
     assert sorted(seen) == sorted(idle_pids(pool))
 
 
@@ -430,16 +432,17 @@ def test_reset_runs_on_return(make_pool: Any) -> None:
     def reset(conn: Connection[Any]) -> None:
         resets.append(pid(conn))
         conn.autocommit = True
-        conn.execute("RESET search_path")
+        conn.execute("RESET TimeZone")
         conn.autocommit = False
 
     pool = make_pool(min_size=1, reset=reset)
     with pool.connection() as conn:
-        conn.execute("SET search_path TO elsewhere")
+        conn.execute("SET TimeZone TO 'Pacific/Chatham'")
+        conn.commit()  # else returning it rolls the SET back, reset or not
     assert resets == [pid(conn)]
     with pool.connection() as again:
         assert again is conn
-        assert again.execute("SHOW search_path").fetchone() != ("elsewhere",)
+        assert again.execute("SHOW TimeZone").fetchone() != ("Pacific/Chatham",)
 
 
 def test_failing_reset_discards_the_connection(make_pool: Any, pg: Any) -> None:
