@@ -35,7 +35,16 @@ from typing import Any, cast
 
 from .accounting import Accounting, Attempt, Effects
 from .async_opener import AsyncOpener
-from .driver import BACKOFF, INITIAL_DELAY, JITTER, MAX_TICK, SyncDriver, carry_slot, drop_slot
+from .driver import (
+    BACKOFF,
+    INITIAL_DELAY,
+    JITTER,
+    MAX_TICK,
+    Expired,
+    SyncDriver,
+    carry_slot,
+    drop_slot,
+)
 from .errors import PoolClosed
 
 __all__ = ["AsyncDriver", "AsyncWaiter"]
@@ -260,36 +269,22 @@ class AsyncDriver(SyncDriver):
                 fx = Effects()
                 try:
                     with self._lock:
-                        acct = self._acct
-                        if waiter.conn is not None:
-                            return waiter.conn
-                        if waiter.error is not None or acct.closed:
-                            acct.leave(waiter)
-                            acct.request_errors += 1
-                            raise waiter.error or self._closed_error()
-                        now = monotonic()
-                        if now >= deadline:
-                            acct.leave(waiter)
-                            acct.wait_time += timeout
-                            acct.request_errors += 1
-                            acct.timeouts += 1
-                            last = acct.last_error
-                            acct.record_wait(timeout)
-                            break
-                        acct.tick(now, fx)
-                        given: Any = waiter.conn  # tick may have served this waiter
-                        if given is not None:
-                            return given
-                        waiter.fut = loop.create_future()  # under the lock: wake finds it
+                        got = self._look(waiter, deadline, timeout, fx)
+                        if got is None:
+                            waiter.fut = loop.create_future()  # under the lock: wake finds it
                 finally:
                     if fx:
                         self._apply(fx)
                     self._opener.ensure()
+                if type(got) is Expired:
+                    break
+                if got is not None:
+                    return got
                 slice_ = min(slice_ * 2, MAX_TICK)
         except BaseException:
             self._abandon(cast(Any, waiter))  # SyncDriver's: it only uses conn and ref
             raise
-        raise self._timeout_error(timeout, last)
+        raise self._timeout_error(timeout, got.last_error)
 
     def _give_back(self, conn: Any) -> None:
         """A connection handed to a waiter that was cancelled: unused, so no reset."""

@@ -57,6 +57,15 @@ REFILL_RETRY = 0.5
 """A refill to min_size that a host budget deferred is retried no sooner than this."""
 
 
+class Expired:
+    """What `SyncDriver._look` returns when a waiter's deadline has passed."""
+
+    __slots__ = ("last_error",)
+
+    def __init__(self, last_error: str | None) -> None:
+        self.last_error = last_error
+
+
 class Waiter:
     """A client queued for a connection: the accounting sets `conn` or `error`, then wakes it."""
 
@@ -577,35 +586,43 @@ class SyncDriver(forking.ForkAware):
                 fx = Effects()
                 try:
                     with self._lock:
-                        acct = self._acct
-                        if waiter.conn is not None:
-                            return waiter.conn
-                        if waiter.error is not None or acct.closed:
-                            acct.leave(waiter)
-                            acct.request_errors += 1
-                            raise waiter.error or self._closed_error()
-                        now = monotonic()
-                        if now >= deadline:
-                            acct.leave(waiter)
-                            acct.wait_time += timeout
-                            acct.request_errors += 1
-                            acct.timeouts += 1
-                            last = acct.last_error
-                            acct.record_wait(timeout)
-                            break
-                        acct.tick(now, fx)
-                        given: Any = waiter.conn  # tick may have served this waiter
-                        if given is not None:
-                            return given
+                        got = self._look(waiter, deadline, timeout, fx)
                 finally:
                     if fx:
                         self._apply(fx)
                     self._opener.ensure()
+                if type(got) is Expired:
+                    break
+                if got is not None:
+                    return got
                 slice_ = min(slice_ * 2, MAX_TICK)
         except BaseException:
             self._abandon(waiter)
             raise
-        raise self._timeout_error(timeout, last)
+        raise self._timeout_error(timeout, got.last_error)
+
+    def _look(self, waiter: Any, deadline: float, timeout: float, fx: Effects) -> Any:
+        """One look between a waiter's sleeps, the lock held: the connection it was
+        handed, `Expired` once the deadline passed (the waiter then out of the
+        queue and counted), or None to sleep again. Raises if the pool closed or
+        the waiter was failed. Shared by the sync and async waits."""
+        acct = self._acct
+        if waiter.conn is not None:
+            return waiter.conn
+        if waiter.error is not None or acct.closed:
+            acct.leave(waiter)
+            acct.request_errors += 1
+            raise waiter.error or self._closed_error()
+        now = monotonic()
+        if now >= deadline:
+            acct.leave(waiter)
+            acct.wait_time += timeout
+            acct.request_errors += 1
+            acct.timeouts += 1
+            acct.record_wait(timeout)
+            return Expired(acct.last_error)
+        acct.tick(now, fx)
+        return waiter.conn  # tick may have served this waiter
 
     def _abandon(self, waiter: Waiter) -> None:
         """A waiter interrupted: leave the queue, or give back what it was given."""
