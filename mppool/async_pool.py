@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-import threading
 import warnings
 from collections.abc import Awaitable, Callable
 from time import monotonic
@@ -33,13 +32,13 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 
 from . import forking, histograms
-from .accounting import Accounting, Attempt, Effects, Policy
+from .accounting import Attempt, Effects, Policy
 from .async_connector import AsyncConnector
 from .async_driver import AsyncDriver, AsyncWaiter
 from .connector import background_connect_timeout
 from .driver import MAX_TICK, lent_by
 from .errors import PoolClosed, PoolMisuse, PoolTimeout, TooManyRequests
-from .pool import ConnectionPool, _pool_names
+from .pool import ConnectionPool
 
 if TYPE_CHECKING:
     from .budget import HostBudget
@@ -204,6 +203,22 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
     # in asyncio, and so waiters need no short ticks (see `AsyncDriver._wait_async`).
     _policy = Policy(idle_cap=None, inline="empty", refill=True, handoff_after=0.0)
 
+    # Set by `ConnectionPool._settings`, with the sync pool's rules.
+    name: str
+    close_returns: bool
+    timeout: float
+    max_waiting: int
+    max_lifetime: float
+    max_idle: float
+    reconnect_timeout: float
+    num_workers: int
+    _min_size: int
+    _max_size: int
+    _check: AsyncConnectionCB[ACT] | None
+    _reset: AsyncConnectionCB[ACT] | None
+    _reconnect_failed: AsyncConnectFailedCB | None
+    _warn_open: bool
+
     @overload
     def __init__(
         self: AsyncConnectionPool[AsyncConnection[TupleRow]],
@@ -279,13 +294,24 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
         budget: HostBudget | None = None,
         leak_threshold: float | None = None,
     ):
-        min_size, max_size = self._check_size(min_size, max_size)
-        if num_workers < 1:
-            raise ValueError(f"num_workers must be at least 1, got {num_workers}")
-        if timeout < 0 or max_waiting < 0:
-            raise ValueError("timeout and max_waiting cannot be negative")
+        ConnectionPool._settings(
+            self,  # type: ignore[arg-type]  # the same settings and rules
+            min_size=min_size,
+            max_size=max_size,
+            name=name,
+            close_returns=close_returns,
+            timeout=timeout,
+            max_waiting=max_waiting,
+            max_lifetime=max_lifetime,
+            max_idle=max_idle,
+            reconnect_timeout=reconnect_timeout,
+            num_workers=num_workers,
+            check=check,
+            reset=reset,
+            reconnect_failed=reconnect_failed,
+            open=open,
+        )
         cls = type(self).__name__
-        self.name = name if name is not None else f"pool-{next(_pool_names)}"
         if open:
             self._warn_constructor_open(stacklevel=3)
         if (open is None or open) and _running_loop() is None:
@@ -297,19 +323,6 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
         self._connector = AsyncConnector(
             conninfo, kwargs if kwargs is not None else {}, connection_class, configure
         )
-        self.close_returns = close_returns
-        self.timeout = timeout
-        self.max_waiting = max_waiting
-        self.max_lifetime = max_lifetime
-        self.max_idle = max_idle
-        self.reconnect_timeout = reconnect_timeout
-        self.num_workers = num_workers
-        self._min_size = min_size
-        self._max_size = max_size
-        self._check = check
-        self._reset = reset
-        self._reconnect_failed = reconnect_failed
-        self._warn_open = open is None  # psycopg_pool's warning, owed on first use
         self._set_budget(budget)
         self._observe(leak_threshold)
         self._new_state(opened=False)
@@ -319,10 +332,7 @@ class AsyncConnectionPool(AsyncDriver, Generic[ACT]):
 
     def _new_state(self, opened: bool, closed: bool = True) -> None:
         """Everything a child process must not share with its parent."""
-        acct = Accounting(self, self._min_size, self._max_size, self._policy, self.max_lifetime)
-        acct.max_idle = self.max_idle
-        acct.opened, acct.closed = opened, closed
-        self._new_driver(acct, threading.Lock())
+        ConnectionPool._new_accounting(self, opened, closed)  # type: ignore[arg-type]
         self._fast_paths()
 
     def _fast_paths(self) -> None:

@@ -267,14 +267,57 @@ class ConnectionPool(SyncDriver, Generic[CT]):
         budget: HostBudget | None = None,
         leak_threshold: float | None = None,
     ):
+        self._settings(
+            min_size=min_size,
+            max_size=max_size,
+            name=name,
+            close_returns=close_returns,
+            timeout=timeout,
+            max_waiting=max_waiting,
+            max_lifetime=max_lifetime,
+            max_idle=max_idle,
+            reconnect_timeout=reconnect_timeout,
+            num_workers=num_workers,
+            check=check,
+            reset=reset,
+            reconnect_failed=reconnect_failed,
+            open=open,
+        )
+        self._connector = Connector(
+            conninfo, kwargs if kwargs is not None else {}, connection_class, configure
+        )
+        self._set_budget(budget)
+        self._observe(leak_threshold)
+        self._new_state(opened=False)
+        self._register_fork_aware()
+        if open is None or open:
+            self._open()
+
+    def _settings(
+        self,
+        *,
+        min_size: int,
+        max_size: int | None,
+        name: str | None,
+        close_returns: bool,
+        timeout: float,
+        max_waiting: int,
+        max_lifetime: float,
+        max_idle: float,
+        reconnect_timeout: float,
+        num_workers: int,
+        check: Any,
+        reset: Any,
+        reconnect_failed: Any,
+        open: bool | None,
+    ) -> None:
+        """Check and keep the constructor's settings (the async pools' too): a
+        bad one raises before anything is made."""
         min_size, max_size = self._check_size(min_size, max_size)
         if num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {num_workers}")
         if timeout < 0 or max_waiting < 0:
             raise ValueError("timeout and max_waiting cannot be negative")
-        self._connector = Connector(
-            conninfo, kwargs if kwargs is not None else {}, connection_class, configure
-        )
         self.name = name if name is not None else f"pool-{next(_pool_names)}"
         self.close_returns = close_returns
         self.timeout = timeout
@@ -289,19 +332,17 @@ class ConnectionPool(SyncDriver, Generic[CT]):
         self._reset = reset
         self._reconnect_failed = reconnect_failed
         self._warn_open = open is None  # psycopg_pool's deprecation, owed on first use
-        self._set_budget(budget)
-        self._observe(leak_threshold)
-        self._new_state(opened=False)
-        self._register_fork_aware()
-        if open is None or open:
-            self._open()
 
-    def _new_state(self, opened: bool, closed: bool = True) -> None:
-        """Everything a child process must not share with its parent."""
+    def _new_accounting(self, opened: bool, closed: bool) -> None:
+        """A fresh accounting and driver from the settings (the async pools' too)."""
         acct = Accounting(self, self._min_size, self._max_size, self._policy, self.max_lifetime)
         acct.max_idle = self.max_idle
         acct.opened, acct.closed = opened, closed
         self._new_driver(acct, threading.Lock())
+
+    def _new_state(self, opened: bool, closed: bool = True) -> None:
+        """Everything a child process must not share with its parent."""
+        self._new_accounting(opened, closed)
         # Each value: (connection, the stamp of the lending it came from).
         self._thread_conns: ThreadSlots[tuple[CT, float]] = ThreadSlots(
             self._reclaim_thread_connection
