@@ -165,7 +165,14 @@ class PoolMachine(RuleBasedStateMachine):
         return not FakeConnection.fail_connects and not self.configure_fails
 
     def _pick(self, i: int) -> Any:
-        return self.held.pop(i % len(self.held))
+        """One of the held connections, taken from the list; None if none is held.
+
+        The rules that need one do nothing without it, rather than carry a
+        precondition: what is held depends on timing (where an injected
+        exception lands, a background connect), and a precondition that differs
+        when hypothesis replays a sequence fails the test as flaky (seen in CI).
+        """
+        return self.held.pop(i % len(self.held)) if self.held else None
 
     # -- operations --------------------------------------------------------------
 
@@ -184,39 +191,37 @@ class PoolMachine(RuleBasedStateMachine):
         except (psycopg.OperationalError, KeyboardInterrupt):
             assert not self._can_connect()  # a null pool says why its own connect failed
 
-    @precondition(lambda self: self.held)
     @rule(i=st.integers(0, 100))
     def putconn(self, i: int) -> None:
-        conn = self._pick(i)
+        if (conn := self._pick(i)) is None:
+            return
         self.pool.putconn(conn)
         self.returned.append(weakref.ref(conn))
         del self.returned[:-3]
 
-    @precondition(lambda self: self.returned)
     @rule()
     def putconn_twice(self) -> None:
-        conn = self.returned[-1]()
+        conn = self.returned[-1]() if self.returned else None
         if conn is not None:
             with pytest.raises(PoolMisuse):
                 self.pool.putconn(conn)
 
-    @precondition(lambda self: self.held)
     @rule(i=st.integers(0, 100), status=st.sampled_from(["INTRANS", "INERROR", "ACTIVE"]))
     def putconn_mid_transaction(self, i: int, status: str) -> None:
-        conn = self._pick(i)
+        if (conn := self._pick(i)) is None:
+            return
         conn.pgconn.transaction_status = TransactionStatus[status]
         self.pool.putconn(conn)
 
-    @precondition(lambda self: self.held)
     @rule(i=st.integers(0, 100))
     def lose(self, i: int) -> None:
         """The borrower drops a connection without returning it."""
         self._pick(i)
 
-    @precondition(lambda self: self.held)
     @rule(i=st.integers(0, 100))
     def break_and_return(self, i: int) -> None:
-        conn = self._pick(i)
+        if (conn := self._pick(i)) is None:
+            return
         conn.bad = True
         self.pool.putconn(conn)
 
