@@ -21,16 +21,30 @@ def close_now(conn: Any) -> None:
 
     A coroutine returned by ``close()`` is run to its end here; should it need
     to wait for something (it never does for a connection no pool lends), it is
-    dropped and libpq's connection is finished directly.
+    dropped and libpq's connection is finished directly. So is it when an
+    exception (a signal handler's) lands between making the coroutine and its
+    end: a coroutine dropped unrun would leave the connection open until it is
+    collected, and warn (a warning that keeps it alive where warnings are
+    recorded).
     """
-    result = conn.close()
-    if result is None or not hasattr(result, "send"):
-        return
+    closing = None
     try:
-        result.send(None)
+        closing = conn.close()
+        if closing is None or not hasattr(closing, "send"):
+            return
+        closing.send(None)
     except StopIteration:
         return
-    result.close()
+    except BaseException:
+        if closing is not None:
+            _finish(conn, closing)
+        raise
+    _finish(conn, closing)
+
+
+def _finish(conn: Any, closing: Any) -> None:
+    """Drop an async connection's unfinished `closing` and finish libpq's connection."""
+    closing.close()
     conn._closed = True  # psycopg: closed on purpose, not broken
     with contextlib.suppress(AttributeError):
         conn.pgconn.finish()

@@ -23,6 +23,18 @@ class FakePGconn:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self.transaction_status = TransactionStatus.IDLE
+        self.finished = False
+
+    def finish(self) -> None:
+        """libpq's PQfinish: the goodbye ('X'), then the socket closed."""
+        if self.finished:
+            return
+        self.finished = True
+        try:
+            self._sock.send(b"X")  # libpq's Terminate message
+        except OSError:
+            pass
+        self._sock.close()
 
     @property
     def socket(self) -> int:
@@ -38,14 +50,16 @@ class FakeConnection:
     made: ClassVar[weakref.WeakSet[FakeConnection]] = weakref.WeakSet()
 
     def __init__(self, sock: socket.socket, peer: socket.socket) -> None:
-        self._sock = sock
         self.peer = peer
         self.pgconn = FakePGconn(sock)
-        self.closed = False
         self.autocommit = False
         self.bad = False  # execute() raises, as on a broken connection
         self._pool: Any = None
         self._pid = os.getpid()
+
+    @property
+    def closed(self) -> bool:
+        return self.pgconn.finished  # psycopg's: its libpq connection is finished
 
     @classmethod
     def connect(cls, conninfo: str = "", **kwargs: Any) -> FakeConnection:
@@ -74,23 +88,13 @@ class FakeConnection:
         if pool is not None and getattr(pool, "close_returns", False):
             pool.putconn(self)
             return
-        self.closed = True
-        try:
-            self._sock.send(b"X")  # libpq's Terminate message
-        except OSError:
-            pass
-        self._sock.close()
+        self.pgconn.finish()
 
     def __del__(self) -> None:
         # psycopg's PGconn finishes the connection when collected, but only in the
         # process that opened it.
         if not self.closed and self._pid == os.getpid():
-            self.closed = True
-            try:
-                self._sock.send(b"X")
-            except OSError:
-                pass
-            self._sock.close()
+            self.pgconn.finish()
 
 
 def goodbyes(peer: socket.socket) -> bytes:

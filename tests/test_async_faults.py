@@ -14,13 +14,16 @@ import asyncio
 import gc
 import logging
 import random
+import sys
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import psycopg
 import pytest
 
-from mppool import AsyncConnectionPool, AsyncNullConnectionPool
+from mppool import AsyncConnectionPool, AsyncNullConnectionPool, closing
 
 Body = Callable[[Any], Awaitable[None]]
 
@@ -127,3 +130,35 @@ def test_cancellation_storm_loses_no_capacity(
     assert landed >= 600, f"only {landed} cancellations landed within a minute"
     assert done > 0
     pg.wait_count(0)
+
+
+class Interrupt(Exception):
+    """Stands for an exception a signal handler raises."""
+
+
+def test_close_cut_short_after_its_coroutine_is_made_still_closes(dsn: str, pg: Any) -> None:
+    """The pools close async connections outside any loop (`mppool.closing.close_now`).
+    An exception landing after ``close()`` made its coroutine, before it ran, must not
+    leave the connection open until the coroutine is collected, nor warn that it was
+    never awaited."""
+    conn = asyncio.run(psycopg.AsyncConnection.connect(dsn))
+    pg.wait_count(1)
+
+    def profiler(frame: Any, event: str, arg: Any) -> None:
+        # Where CPython runs signal handlers: just after a C call returns.
+        if event == "c_return" and frame.f_code is closing.close_now.__code__:
+            sys.setprofile(None)
+            raise Interrupt
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        sys.setprofile(profiler)
+        try:
+            with pytest.raises(Interrupt):
+                closing.close_now(conn)
+        finally:
+            sys.setprofile(None)
+        gc.collect()
+    assert conn.closed
+    pg.wait_count(0)
+    assert [str(w.message) for w in seen if "never awaited" in str(w.message)] == []

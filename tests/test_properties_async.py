@@ -85,12 +85,13 @@ class AsyncPoolMachine(PoolMachine):
     pool_class: type[Any] = AsyncConnectionPool
 
     def __init__(self) -> None:
-        # Each example starts from nothing. An exception injected between
-        # ``conn.close()`` making its coroutine and that coroutine running leaves
-        # the connection open until the coroutine is collected (the limit
-        # docs/robustness.md states for interrupted closes); whatever keeps it
-        # alive may outlive the example that dropped it, and it is no later
-        # machine's to count.
+        # Each example starts from nothing. An exception injected before a close
+        # began leaves the connection open until it is collected; whatever keeps it
+        # alive (a traceback) may outlive the example that dropped it, and it is no
+        # later machine's to count. (One injected after ``close()`` made its
+        # coroutine is handled by `mppool.closing.close_now`: it finishes the
+        # connection. Left unrun, the coroutine kept it open, and pytest's record
+        # of the "never awaited" warning kept the coroutine: CI saw it.)
         gc.collect()
         for conn in list(FakeAsyncConnection.made):
             if not conn.closed:
