@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import random
 import threading
 from collections.abc import Awaitable, Callable
 from time import monotonic
@@ -36,14 +35,11 @@ from typing import Any, cast
 from .accounting import Accounting, Attempt, Effects
 from .async_opener import AsyncOpener
 from .driver import (
-    BACKOFF,
     INITIAL_DELAY,
-    JITTER,
     MAX_TICK,
     Expired,
     SyncDriver,
     carry_slot,
-    drop_slot,
 )
 from .errors import PoolClosed
 
@@ -192,31 +188,14 @@ class AsyncDriver(SyncDriver):
                         return
                 conn = await self._open_connection_async(bound, attempt)
             except (Exception, KeyboardInterrupt):
-                drop_slot(attempt)  # others may use it while this one backs off
-                logger.warning(
-                    "pool %r: connection attempt failed: %s", self.name, self._acct.last_error
-                )
-                left = self.reconnect_timeout - (monotonic() - started)
-                if left <= 0:
-                    self._give_up(attempt)
+                retry = self._retry_after(attempt, started, delay)
+                if retry is None:
                     return
-                delay *= 1.0 + JITTER * (2.0 * random.random() - 1.0)
-                if await _backoff(cancel, min(delay, left)):
+                wait, delay = retry
+                if await _backoff(cancel, wait):
                     break
-                delay *= BACKOFF
                 continue
-            fx = Effects()
-            with self._lock:
-                acct = self._acct
-                now = monotonic()
-                if acct.add_member(conn, attempt, now):
-                    acct.place(conn, now, fx)
-                else:
-                    fx.close.append(conn)  # disowned meanwhile
-                self._changed.notify_all()
-            self._apply(fx)
-            if self._budget is not None:
-                self._budget._handle().watch()
+            self._admit(conn, attempt)
             return
         self._end_attempt(attempt)
 

@@ -512,35 +512,50 @@ class SyncDriver(forking.ForkAware):
                         return
                 conn = self._open_connection(bound, attempt)
             except BaseException:
-                drop_slot(attempt)  # others may use it while this one backs off
-                logger.warning(
-                    "pool %r: connection attempt failed: %s", self.name, self._acct.last_error
-                )
-                # Give up once reconnect_timeout has passed, not before: the last
-                # wait is cut short so that one attempt falls at the deadline.
-                left = self.reconnect_timeout - (monotonic() - started)
-                if left <= 0:
-                    self._give_up(attempt)
+                retry = self._retry_after(attempt, started, delay)
+                if retry is None:
                     return
-                delay *= 1.0 + JITTER * (2.0 * random.random() - 1.0)
-                if cancel.wait(min(delay, left)):
+                wait, delay = retry
+                if cancel.wait(wait):
                     break
-                delay *= BACKOFF
                 continue
-            fx = Effects()
-            with self._lock:
-                acct = self._acct
-                now = monotonic()
-                if acct.add_member(conn, attempt, now):
-                    acct.place(conn, now, fx)
-                else:
-                    fx.close.append(conn)  # disowned meanwhile
-                self._changed.notify_all()
-            self._apply(fx)
-            if self._budget is not None:
-                self._budget._handle().watch()
+            self._admit(conn, attempt)
             return
         self._end_attempt(attempt)
+
+    def _retry_after(
+        self, attempt: Attempt, started: float, delay: float
+    ) -> tuple[float, float] | None:
+        """A try of `attempt` failed: free its slot and say so. Then None if
+        ``reconnect_timeout`` has passed (the attempt given up), else how long to
+        wait before the next try and the delay after that one (the background
+        attempts' backoff, sync and async)."""
+        drop_slot(attempt)  # others may use it while this one backs off
+        logger.warning("pool %r: connection attempt failed: %s", self.name, self._acct.last_error)
+        # Give up once reconnect_timeout has passed, not before: the last
+        # wait is cut short so that one attempt falls at the deadline.
+        left = self.reconnect_timeout - (monotonic() - started)
+        if left <= 0:
+            self._give_up(attempt)
+            return None
+        delay *= 1.0 + JITTER * (2.0 * random.random() - 1.0)
+        return min(delay, left), delay * BACKOFF
+
+    def _admit(self, conn: Any, attempt: Attempt) -> None:
+        """An attempt's new connection joins the pool (a waiter or the idle stack),
+        or is closed if the pool disowned the attempt meanwhile."""
+        fx = Effects()
+        with self._lock:
+            acct = self._acct
+            now = monotonic()
+            if acct.add_member(conn, attempt, now):
+                acct.place(conn, now, fx)
+            else:
+                fx.close.append(conn)  # disowned meanwhile
+            self._changed.notify_all()
+        self._apply(fx)
+        if self._budget is not None:
+            self._budget._handle().watch()
 
     def _give_up(self, attempt: Attempt) -> None:
         last = self._acct.last_error
