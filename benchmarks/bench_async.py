@@ -47,6 +47,7 @@ from bench_pools import (
     Pinner,
     Results,
     Skip,
+    benchmark_server,
     environment,
     fmt_fair,
     fmt_ops,
@@ -453,21 +454,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    server = None
-    if args.dsn:
-        dsn, own = args.dsn, False
-        server_desc = "given by --dsn"
-    else:
-        from mppool.testserver import start_server
-
-        server = start_server()
-        dsn, own = server.dsn, server.can_restart
-        server_desc = f"from {server.source}, TLS {'on' if server.tls else 'off'}"
-    try:
-        with psycopg.connect(dsn, autocommit=True) as admin:
-            v = admin.info.server_version
-            server_desc = f"PostgreSQL {v // 10000}.{v % 10000} {server_desc}"
-            run = asyncio.run(run_all(args, dsn, admin if own else None))
+    with benchmark_server(args.dsn) as (dsn, admin, server_desc):
+        run = asyncio.run(run_all(args, dsn, admin))
         env = environment(server_desc)
         print(report(run, env))
         if args.json:
@@ -483,9 +471,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             with open(args.json, "w") as f:
                 json.dump(data, f, indent=2)
                 f.write("\n")
-    finally:
-        if server is not None:
-            server.stop()
     return 1 if run["failed"] else 0
 
 

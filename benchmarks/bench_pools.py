@@ -49,8 +49,8 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, suppress
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -894,34 +894,42 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+@contextmanager
+def benchmark_server(dsn: str | None) -> Iterator[tuple[str, psycopg.Connection[Any] | None, str]]:
+    """The server to measure: `dsn`'s, or a throwaway one started (and stopped) here.
+
+    Yields its DSN, an admin connection if the server is ours to pin and
+    restart (None for one given by --dsn), and a description for the report.
+    """
     server = None
-    if args.dsn:
-        dsn, own = args.dsn, False
-        server_desc = "given by --dsn"
+    if dsn:
+        own = False
+        desc = "given by --dsn"
     else:
         from mppool.testserver import start_server
 
         server = start_server()
         dsn, own = server.dsn, server.can_restart
-        server_desc = f"from {server.source}, TLS {'on' if server.tls else 'off'}"
+        desc = f"from {server.source}, TLS {'on' if server.tls else 'off'}"
     try:
         with psycopg.connect(dsn, autocommit=True) as admin:
-            server_version = admin.info.server_version
-            server_desc = (
-                f"PostgreSQL {server_version // 10000}.{server_version % 10000} {server_desc}"
-            )
-            run = run_all(args, dsn, admin if own else None)
+            v = admin.info.server_version
+            yield dsn, admin if own else None, f"PostgreSQL {v // 10000}.{v % 10000} {desc}"
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    with benchmark_server(args.dsn) as (dsn, admin, server_desc):
+        run = run_all(args, dsn, admin)
         env = environment(server_desc)
         print(report(run, env))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(to_json(run, env), f, indent=2)
                 f.write("\n")
-    finally:
-        if server is not None:
-            server.stop()
     return 1 if run["failed"] else 0
 
 
