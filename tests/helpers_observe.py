@@ -5,10 +5,22 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mppool import hoststats, leaks
+
+
+def assert_busy_row(row: dict[str, Any]) -> None:
+    """The published row of a pool that served 4 requests: one waited 0.3 s for a
+    held connection, one timed out (sync and async pools alike)."""
+    assert row["requests"] == 4 and row["errors"] == 1 and row["timeouts"] == 1
+    assert row["wait_ms_p99"] >= 250.0  # the 0.3 s wait, or the timeout
+    waits = row["wait_time"]
+    assert sum(waits["counts"]) == 4 and waits["sum"] >= 0.3
+    assert sum(row["use_time"]["counts"]) == 3  # the timed-out request used nothing
+    assert sum(row["create_time"]["counts"]) >= 1
 
 
 def stats_cmd(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

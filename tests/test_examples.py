@@ -42,6 +42,20 @@ def run(args: list[str], env: dict[str, str]) -> str:
     return done.stdout
 
 
+def serves_from_two_workers(server: Any, pg: Any) -> None:
+    """An example app under gunicorn with 2 workers and max_size 4: every answer from
+    a worker, each server connection used by one process only, no more connections
+    than workers x max_size, its pool's figures at /stats; then a clean stop."""
+    workers = server.wait_workers(2)
+    results = server.burst("/?sleep=0.01", 120, 16)
+    assert {r["pid"] for r in results} <= workers
+    one_process_per_backend([(r["pid"], r["backend"]) for r in results])
+    assert pg.count() <= 2 * 4, "workers x max_size"
+    stats = server.get("/stats")
+    assert stats["pool_max"] == 4 and stats["pid"] in workers
+    assert server.stop(signal.SIGTERM) == 0
+
+
 @pytest.mark.parametrize(
     ("worker_class", "args"),
     [
@@ -61,14 +75,7 @@ def test_wsgi_app(
     if worker_class == "gthread":
         args = [*args, "--threads", "8"]
     with gunicorn([*args, "examples.wsgi_app:app"], env, log) as server:
-        workers = server.wait_workers(2)
-        results = server.burst("/?sleep=0.01", 120, 16)
-        assert {r["pid"] for r in results} <= workers
-        one_process_per_backend([(r["pid"], r["backend"]) for r in results])
-        assert pg.count() <= 2 * 4, "workers x max_size"
-        stats = server.get("/stats")
-        assert stats["pool_max"] == 4 and stats["pid"] in workers
-        assert server.stop(signal.SIGTERM) == 0
+        serves_from_two_workers(server, pg)
     pg.wait_count(0)
     assert_no_password(tls_dsn, log)
 
@@ -143,14 +150,7 @@ def test_asgi_app(pg: Any, tls_dsn: str, tmp_path: Path) -> None:
     args = ["-c", "python:mppool.hooks.gunicorn", "-k", "uvicorn_worker.UvicornWorker"]
     args += ["--preload", "-w", "2", "examples.asgi_app:app"]
     with gunicorn(args, env, log) as server:
-        workers = server.wait_workers(2)
-        results = server.burst("/?sleep=0.01", 120, 16)
-        assert {r["pid"] for r in results} <= workers
-        one_process_per_backend([(r["pid"], r["backend"]) for r in results])
-        assert pg.count() <= 2 * 4, "workers x max_size"
-        stats = server.get("/stats")
-        assert stats["pool_max"] == 4 and stats["pid"] in workers
-        assert server.stop(signal.SIGTERM) == 0
+        serves_from_two_workers(server, pg)
     pg.wait_count(0)
     assert_no_password(tls_dsn, log)
 
